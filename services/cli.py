@@ -1,0 +1,157 @@
+"""`tensoryard`: the one command line for every process and for operators.
+
+    tensoryard up                      registry + router + demo model workers on loopback
+    tensoryard registry | router | worker --model-name NAME
+    tensoryard models register NAME FOLDER --task embedding
+    tensoryard models list
+
+This is the only module that reads the process environment; it builds each component's config
+once (flags > TENSORYARD_* environment > --config file > defaults) and passes it down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from services.common.config import RegistryConfig, RouterConfig, WorkerConfig, build_config
+
+
+def _add_telemetry_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", type=int, dest="metrics_port",
+                        help="Prometheus /metrics port (0: any free port, -1: off)")
+    parser.add_argument("--log-format", choices=("auto", "json", "console"), dest="log_format")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), dest="log_level")
+    parser.add_argument("--config", type=Path, help="TOML file with [registry], [router], [worker] tables")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tensoryard", description="AI inference: registry, router, workers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run registry, router and demo model workers on loopback")
+    up.add_argument("--home", type=Path, help="state and logs (default: $TENSORYARD_HOME or ./.tensoryard)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--router-port", type=int, default=8001)
+    up.add_argument("--router-metrics-port", type=int, default=8002)
+    up.add_argument("--registry-port", type=int, default=7070)
+    up.add_argument("--registry-metrics-port", type=int, default=7071)
+    up.add_argument("--workers-per-model", type=int, default=1)
+    up.add_argument("--worker-threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+
+    registry = sub.add_parser("registry", help="run the model registry and embedded discovery")
+    registry.add_argument("--host")
+    registry.add_argument("--port", type=int)
+    registry.add_argument("--data-dir", type=Path, dest="data_dir")
+    _add_telemetry_flags(registry)
+
+    router = sub.add_parser("router", help="run the router (inference.GRPCInferenceService)")
+    router.add_argument("--host")
+    router.add_argument("--port", type=int)
+    router.add_argument("--registry", dest="registry_address")
+    _add_telemetry_flags(router)
+
+    worker = sub.add_parser("worker", help="serve one model version")
+    worker.add_argument("--model-name", dest="model_name")
+    worker.add_argument("--model-version", type=int, dest="model_version", help="0: latest")
+    worker.add_argument("--registry", dest="registry_address")
+    worker.add_argument("--host")
+    worker.add_argument("--port", type=int)
+    worker.add_argument("--cache-dir", type=Path, dest="cache_dir")
+    worker.add_argument("--device")
+    worker.add_argument("--num-threads", type=int, dest="num_threads")
+    worker.add_argument("--max-batch-size", type=int, dest="max_batch_size")
+    worker.add_argument("--max-queue-delay-us", type=int, dest="max_queue_delay_us")
+    worker.add_argument("--max-queue-size", type=int, dest="max_queue_size")
+    _add_telemetry_flags(worker)
+
+    models = sub.add_parser("models", help="manage models in the registry")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    register = models_sub.add_parser("register", help="upload a model folder as a new version")
+    register.add_argument("name")
+    register.add_argument("folder", type=Path)
+    register.add_argument("--task", required=True, choices=("embedding", "generation", "tensor"))
+    register.add_argument("--config-json", default="{}", help="serving config, e.g. '{\"max_batch_size\": 32}'")
+    register.add_argument("--description", default="")
+    register.add_argument("--registry", default="127.0.0.1:7070")
+    listing = models_sub.add_parser("list", help="list models and versions")
+    listing.add_argument("--registry", default="127.0.0.1:7070")
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+
+
+def _run_service(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from services.common.telemetry import configure_logging
+
+    if args.command == "registry":
+        from services.registry.server import serve
+
+        config = build_config(RegistryConfig, _flags(args), env, args.config)
+    elif args.command == "router":
+        from services.router.server import serve
+
+        config = build_config(RouterConfig, _flags(args), env, args.config)
+    else:
+        from services.worker.server import serve
+
+        config = build_config(WorkerConfig, _flags(args), env, args.config)
+    configure_logging(args.command, config.telemetry)
+    return asyncio.run(serve(config)) or 0
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    import grpc
+
+    from protos.tensoryard.v1 import registry_pb2, registry_pb2_grpc
+    from services.registry.client import register_folder
+
+    with grpc.insecure_channel(args.registry) as channel:
+        if args.models_command == "register":
+            version, created = register_folder(
+                channel, args.name, args.task, args.folder, json.loads(args.config_json), args.description
+            )
+            state = "registered" if created else "unchanged, already registered as"
+            print(f"{args.name}: {state} version {version.version} ({len(version.files)} files)")
+            return 0
+        stub = registry_pb2_grpc.ModelRegistryStub(channel)
+        for model in stub.ListModels(registry_pb2.ListModelsRequest()).models:
+            versions = ", ".join(str(v) for v in model.versions) or "none"
+            print(f"{model.name}\t{model.task}\tversions: {versions}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = dict(os.environ)
+    try:
+        if args.command == "up":
+            from services.launcher import Launcher, UpOptions, default_home
+
+            options = UpOptions(
+                home=(args.home or default_home(env)).resolve(),
+                host=args.host,
+                registry_port=args.registry_port,
+                router_port=args.router_port,
+                router_metrics_port=args.router_metrics_port,
+                registry_metrics_port=args.registry_metrics_port,
+                workers_per_model=args.workers_per_model,
+                worker_threads=args.worker_threads,
+            )
+            return Launcher(options, env).run()
+        if args.command == "models":
+            return _run_models(args)
+        return _run_service(args, env)
+    except ValueError as error:  # config errors name the field
+        print(f"tensoryard: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

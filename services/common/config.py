@@ -1,0 +1,166 @@
+"""Configuration objects, built once per process from flags, environment and file.
+
+Each component gets one frozen dataclass. `build_config` fills it from, highest first:
+command-line flags, `TENSORYARD_<FIELD>` environment variables, a TOML file's table named after
+the component, then the dataclass defaults. Only `services/cli.py` reads the real environment and
+passes it in; nothing below it reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ENV_PREFIX = "TENSORYARD_"
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    # "auto": JSON lines unless stderr is a terminal.
+    log_format: str = "auto"
+    log_level: str = "info"
+    # Prometheus endpoint; 0 picks a free port, -1 disables it.
+    metrics_port: int = 0
+
+    def __post_init__(self) -> None:
+        if self.log_format not in ("auto", "json", "console"):
+            raise ValueError(f"log_format must be auto, json or console, not {self.log_format!r}")
+        if self.metrics_port < -1 or self.metrics_port > 65535:
+            raise ValueError(f"metrics_port must be -1..65535, not {self.metrics_port}")
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    host: str = "127.0.0.1"
+    port: int = 7070
+    # SQLite database and the blob directory live here.
+    data_dir: Path = Path(".tensoryard/registry")
+    # Discovery leases expire this long after the last heartbeat unless the instance asks for
+    # another TTL.
+    default_lease_ttl_ms: int = 10_000
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    def __post_init__(self) -> None:
+        _check_port("port", self.port)
+        if self.default_lease_ttl_ms < 100:
+            raise ValueError(f"default_lease_ttl_ms must be >= 100, not {self.default_lease_ttl_ms}")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    model_name: str = ""
+    # 0: the latest version.
+    model_version: int = 0
+    registry_address: str = "127.0.0.1:7070"
+    host: str = "127.0.0.1"
+    # 0 picks a free port.
+    port: int = 0
+    # Downloaded model files, content-addressed by sha256.
+    cache_dir: Path = Path(".tensoryard/worker-cache")
+    device: str = "cpu"
+    # torch intra-op threads; 0 leaves torch's default.
+    num_threads: int = 0
+    lease_ttl_ms: int = 5_000
+    warmup_batches: int = 2
+    # Serving overrides of the version's own config (0 / empty: keep the version's value).
+    max_batch_size: int = 0
+    max_queue_delay_us: int = -1
+    max_queue_size: int = 0
+    drain_timeout_s: float = 30.0
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ValueError("model_name is required (--model-name)")
+        if self.model_version < 0:
+            raise ValueError(f"model_version must be >= 0, not {self.model_version}")
+        _check_port("port", self.port)
+        if self.lease_ttl_ms < 100:
+            raise ValueError(f"lease_ttl_ms must be >= 100, not {self.lease_ttl_ms}")
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 8001
+    registry_address: str = "127.0.0.1:7070"
+    # Largest request or response message the router passes through.
+    max_message_bytes: int = 64 * 1024 * 1024
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    def __post_init__(self) -> None:
+        _check_port("port", self.port)
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be >= 1024, not {self.max_message_bytes}")
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{name} must be 0..65535, not {port}")
+
+
+def build_config(
+    cls: type[T],
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    file: Path | None = None,
+    section: str | None = None,
+) -> T:
+    """Build `cls` from flags > environment > TOML file section > defaults.
+
+    Flags whose value is None are treated as not given. Nested dataclass fields (telemetry) take
+    the same flat names: `--metrics-port` fills `telemetry.metrics_port`.
+    """
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env = env or {}
+    file_values: Mapping[str, Any] = {}
+    if file is not None:
+        document = tomllib.loads(Path(file).read_text())
+        file_values = document.get(section or cls.__name__.removesuffix("Config").lower(), {})
+    return _fill(cls, flags, env, file_values)
+
+
+def _fill(cls: type[T], flags: Mapping[str, Any], env: Mapping[str, str], file_values) -> T:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            values[f.name] = _fill(kind, flags, env, file_values)
+            continue
+        env_name = ENV_PREFIX + f.name.upper()
+        if f.name in flags:
+            raw = flags[f.name]
+        elif env_name in env:
+            raw = env[env_name]
+        elif f.name in file_values:
+            raw = file_values[f.name]
+        else:
+            continue
+        values[f.name] = _convert(f.name, kind, raw)
+    return cls(**values)
+
+
+def _convert(name: str, kind: Any, raw: Any) -> Any:
+    if isinstance(kind, types.UnionType):
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    try:
+        if kind is bool and isinstance(raw, str):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is Path:
+            return Path(raw)
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: cannot read {raw!r} as {getattr(kind, '__name__', kind)}") from None

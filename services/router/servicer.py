@@ -1,0 +1,234 @@
+"""The router's `inference.GRPCInferenceService` and native routes.
+
+Inference calls are forwarded as bytes: the handlers are registered with no (de)serializers, the
+router parses only `RoutingHeader` (model name, version, id) out of the request bytes and sends
+the same bytes to the chosen worker; the worker's response bytes come back untouched. Server-level
+calls (live, ready, metadata, repository index, statistics) are answered here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+
+from protos.inference import grpc_service_pb2 as pb
+from protos.tensoryard.v1 import routing_pb2
+from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common.grpc_server import bind_request
+from services.common.telemetry import get_logger
+from services.router import statistics
+from services.router.catalog import ModelCatalog
+from services.router.pool import Backend, BackendPool
+
+log = get_logger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+SERVER_NAME = "tensoryard"
+SERVER_VERSION = "0.1.0"
+SERVER_EXTENSIONS = ["model_configuration", "statistics", "model_repository", "binary_tensor_data"]
+
+# Metadata a client sets for the server (not for the hop to the worker).
+_HOP_BY_HOP = {"user-agent", "content-type", "te", "host", "content-length", "accept-encoding"}
+
+
+def _forwardable(metadata) -> tuple[tuple[str, str | bytes], ...]:
+    return tuple(
+        (key, value)
+        for key, value in (metadata or ())
+        if not key.startswith((":", "grpc-")) and key not in _HOP_BY_HOP
+    )
+
+
+class RoutingServicer:
+    def __init__(self, pool: BackendPool, catalog: ModelCatalog):
+        self._pool = pool
+        self._catalog = catalog
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    async def _choose(self, header: routing_pb2.RoutingHeader, exclude: Backend | None = None) -> Backend:
+        if not header.model_name:
+            raise InvalidArgument("the request names no model (model_name is empty)")
+        backend = self._pool.pick(header.model_name, header.model_version, exclude)
+        if backend is not None:
+            return backend
+        await self._catalog.check(header.model_name, header.model_version)
+        version = f" version {header.model_version}" if header.model_version else ""
+        raise Unavailable(
+            f"no ready replica of model '{header.model_name}'{version}; retry shortly"
+        )
+
+    def forward_unary(self, method: str) -> Callable:
+        async def handle(request_bytes: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            header = routing_pb2.RoutingHeader.FromString(request_bytes)
+            bind_request(header.id, header.model_name, header.model_version)
+            backend = await self._choose(header)
+            metadata = _forwardable(context.invocation_metadata())
+            try:
+                return await self._call(backend, method, request_bytes, context, metadata)
+            except grpc.aio.AioRpcError as error:
+                if error.code() is grpc.StatusCode.UNAVAILABLE:
+                    # The worker could not be reached (or is draining): it has not run the request,
+                    # so one other replica may take it.
+                    other = self._pool.pick(header.model_name, header.model_version, exclude=backend)
+                    if other is not None:
+                        try:
+                            return await self._call(other, method, request_bytes, context, metadata)
+                        except grpc.aio.AioRpcError as retry_error:
+                            error = retry_error
+                await context.abort(error.code(), error.details())
+
+        return handle
+
+    async def _call(self, backend: Backend, method: str, request_bytes: bytes, context, metadata) -> bytes:
+        backend.num_outstanding += 1
+        try:
+            return await backend.unary(method)(
+                request_bytes, timeout=context.time_remaining(), metadata=metadata
+            )
+        finally:
+            backend.num_outstanding -= 1
+
+    def forward_stream(self, method: str) -> Callable:
+        async def handle(request_iterator, context: grpc.aio.ServicerContext):
+            # A stream goes to the worker chosen for its first request.
+            first = await anext(aiter(request_iterator), None)
+            if first is None:
+                return
+            header = routing_pb2.RoutingHeader.FromString(first)
+            bind_request(header.id, header.model_name, header.model_version)
+            backend = await self._choose(header)
+
+            async def requests():
+                yield first
+                async for request in request_iterator:
+                    yield request
+
+            call = backend.stream_stream(method)(
+                requests(),
+                timeout=context.time_remaining(),
+                metadata=_forwardable(context.invocation_metadata()),
+            )
+            backend.num_outstanding += 1
+            try:
+                async for response in call:
+                    yield response
+            except grpc.aio.AioRpcError as error:
+                await context.abort(error.code(), error.details())
+            finally:
+                backend.num_outstanding -= 1
+                call.cancel()
+
+        return handle
+
+    # -- answered here ---------------------------------------------------------------------------
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self._pool.synced.is_set())
+
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=bool(self._pool.backends(request.name, request.version)))
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=SERVER_EXTENSIONS
+        )
+
+    async def RepositoryIndex(self, request, context):
+        await self._catalog.refresh(force=True)
+        models = []
+        for name, versions in sorted(self._catalog.models().items()):
+            for version in versions:
+                ready = bool(self._pool.backends(name, str(version)))
+                if request.ready and not ready:
+                    continue
+                models.append(
+                    pb.RepositoryIndexResponse.ModelIndex(
+                        name=name,
+                        version=str(version),
+                        state="READY" if ready else "UNAVAILABLE",
+                        reason="" if ready else "no worker serves this version",
+                    )
+                )
+        return pb.RepositoryIndexResponse(models=models)
+
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            await self._catalog.check(request.name, request.version)
+        backends = self._pool.backends(request.name, request.version)
+        replies = await asyncio.gather(
+            *(statistics.fetch(b, request, context.time_remaining()) for b in backends)
+        )
+        merged = statistics.merge([s for reply in replies if reply for s in reply.model_stats])
+        if request.name and not merged:
+            merged = [pb.ModelStatistics(name=request.name, version=request.version)]
+        return pb.ModelStatisticsResponse(model_stats=merged)
+
+
+def _unimplemented(reason: str) -> Callable:
+    async def handle(request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, reason)
+
+    return handle
+
+
+_SHM_REASON = "shared-memory tensors are not supported: send tensor data in raw_input_contents"
+_UNSUPPORTED = {
+    "RepositoryModelLoad": "models are loaded by starting workers (tensoryard worker --model-name ...)",
+    "RepositoryModelUnload": "models are unloaded by draining their workers",
+    "SystemSharedMemoryStatus": _SHM_REASON,
+    "SystemSharedMemoryRegister": _SHM_REASON,
+    "SystemSharedMemoryUnregister": _SHM_REASON,
+    "CudaSharedMemoryStatus": _SHM_REASON,
+    "CudaSharedMemoryRegister": _SHM_REASON,
+    "CudaSharedMemoryUnregister": _SHM_REASON,
+    "TraceSetting": "tracing settings are not supported",
+    "LogSettings": "log settings are set per process at start-up",
+}
+
+
+def inference_handler(servicer: RoutingServicer) -> grpc.GenericRpcHandler:
+    """One generic handler for the whole service: raw for forwarded calls, typed for the rest."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for name in ("ModelInfer", "ModelMetadata", "ModelConfig"):
+        handlers[name] = grpc.unary_unary_rpc_method_handler(servicer.forward_unary(f"/{SERVICE}/{name}"))
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.forward_stream(f"/{SERVICE}/ModelStreamInfer")
+    )
+    for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "RepositoryIndex", "ModelStatistics"):
+        method = service.methods_by_name[name]
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=_message_class(method.input_type).FromString,
+            response_serializer=_message_class(method.output_type).SerializeToString,
+        )
+    for name, reason in _UNSUPPORTED.items():
+        method = service.methods_by_name[name]
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            _unimplemented(reason),
+            request_deserializer=_message_class(method.input_type).FromString,
+            response_serializer=_message_class(method.output_type).SerializeToString,
+        )
+    missing = set(service.methods_by_name) - set(handlers)
+    if missing:
+        raise RuntimeError(f"router handles no {sorted(missing)}")
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+def native_handlers(servicer: RoutingServicer) -> list[tuple[grpc.GenericRpcHandler, str]]:
+    """Forwarded native APIs: embeddings now; generation joins when workers serve it."""
+    embed = grpc.unary_unary_rpc_method_handler(servicer.forward_unary("/tensoryard.v1.Embeddings/Embed"))
+    return [(grpc.method_handlers_generic_handler("tensoryard.v1.Embeddings", {"Embed": embed}), "tensoryard.v1.Embeddings")]
+
+
+def _message_class(descriptor):
+    return getattr(pb, descriptor.name)
+
+
+__all__ = ["RoutingServicer", "inference_handler", "native_handlers", "NotFound"]

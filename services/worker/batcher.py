@@ -1,0 +1,346 @@
+"""Dynamic batcher: groups queued requests for one model into batches, as Triton's dynamic batcher.
+
+Policy (Triton's, model-agnostic). Requests are taken in arrival order and never split, so a
+batch is always a prefix of the queue whose item count fits `max_batch_size`. A batch leaves at
+once when a prefix reaches a preferred batch size (the largest reachable one wins), or when the
+next request would not fit, since waiting cannot make the batch any bigger. Otherwise the batcher
+holds the batch until the oldest request has waited `max_queue_delay_us`, trading that much
+latency for a fuller batch, then takes everything that fits. Without preferred sizes,
+`max_batch_size` is the one size worth leaving early for. After `close()` nothing waits for the
+delay: the queue drains as fast as `execute` runs.
+
+One worker thread owns batch formation and runs `execute`, one batch at a time. Callers only
+append to the queue under the condition variable and wait on their futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.errors import InvalidArgument, Overloaded, Unavailable
+
+# Runs one batch: one result per payload, in order; an Exception in a slot fails that request only.
+Execute = Callable[[list[Any]], list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherConfig:
+    max_batch_size: int  # items per batch
+    preferred_batch_sizes: tuple[int, ...] = ()  # item counts that dispatch without waiting
+    max_queue_delay_us: int = 0  # how long the oldest request may wait for a fuller batch
+    max_queue_size: int = 0  # requests waiting before submit raises Overloaded; 0 = unbounded
+
+    def __post_init__(self) -> None:
+        _check_int("max_batch_size", self.max_batch_size, minimum=1)
+        _check_int("max_queue_delay_us", self.max_queue_delay_us, minimum=0)
+        _check_int("max_queue_size", self.max_queue_size, minimum=0)
+        # Accept any iterable from flag parsing, but store a tuple so the config stays hashable.
+        object.__setattr__(self, "preferred_batch_sizes", tuple(self.preferred_batch_sizes))
+        for size in self.preferred_batch_sizes:
+            _check_int("preferred_batch_sizes", size, minimum=1)
+            if size > self.max_batch_size:
+                raise ValueError(
+                    f"preferred_batch_sizes must not exceed max_batch_size={self.max_batch_size}, "
+                    f"got {size}"
+                )
+
+
+def _check_int(field_name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{field_name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class DurationStat:
+    """A count and its summed nanoseconds, as Triton's StatisticDuration."""
+
+    count: int = 0
+    ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSizeStat:
+    """Batches of one size, as Triton's InferBatchStatistics."""
+
+    batch_size: int  # items in the batch
+    compute_infer: DurationStat  # count = batches of this size, ns = their execute time
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherStats:
+    """A consistent snapshot, shaped like Triton's ModelStatistics so the servicer maps it 1:1.
+
+    As in Triton, queue and compute_infer are per successful request: each success adds its own
+    wait and its whole batch's execute time. Batch-level counts include batches that failed.
+    """
+
+    success: DurationStat  # per request: submit to result
+    fail: DurationStat  # per request: submit to failure
+    queue: DurationStat  # per successful request: submit to batch start
+    compute_infer: DurationStat  # per successful request: its batch's execute time
+    inference_count: int  # items executed
+    execution_count: int  # batches executed
+    last_inference_ms: int  # wall clock, ms since epoch, when the last batch ended; 0 = never
+    batch_stats: tuple[BatchSizeStat, ...]  # sorted by batch_size
+
+
+@dataclass(slots=True)
+class _StatsRecorder:
+    """Mutable counters behind BatcherStats; the batcher's lock guards them."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_ns: int = 0
+    compute_infer_ns: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    num_batches_by_size: dict[int, int] = field(default_factory=dict)
+    compute_ns_by_size: dict[int, int] = field(default_factory=dict)
+
+    def record_batch(
+        self,
+        enqueued_ns: list[int],
+        succeeded: list[bool],
+        num_items: int,
+        start_ns: int,
+        end_ns: int,
+    ) -> None:
+        compute_ns = end_ns - start_ns
+        for request_enqueued_ns, ok in zip(enqueued_ns, succeeded):
+            if ok:
+                self.success_count += 1
+                self.success_ns += end_ns - request_enqueued_ns
+                self.queue_ns += start_ns - request_enqueued_ns
+                self.compute_infer_ns += compute_ns
+            else:
+                self.fail_count += 1
+                self.fail_ns += end_ns - request_enqueued_ns
+        self.inference_count += num_items
+        self.execution_count += 1
+        self.num_batches_by_size[num_items] = self.num_batches_by_size.get(num_items, 0) + 1
+        self.compute_ns_by_size[num_items] = self.compute_ns_by_size.get(num_items, 0) + compute_ns
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def snapshot(self) -> BatcherStats:
+        return BatcherStats(
+            success=DurationStat(self.success_count, self.success_ns),
+            fail=DurationStat(self.fail_count, self.fail_ns),
+            queue=DurationStat(self.success_count, self.queue_ns),
+            compute_infer=DurationStat(self.success_count, self.compute_infer_ns),
+            inference_count=self.inference_count,
+            execution_count=self.execution_count,
+            last_inference_ms=self.last_inference_ms,
+            batch_stats=tuple(
+                BatchSizeStat(size, DurationStat(count, self.compute_ns_by_size[size]))
+                for size, count in sorted(self.num_batches_by_size.items())
+            ),
+        )
+
+
+# eq=False: requests are compared by identity, so deque.remove finds exactly this one.
+@dataclass(eq=False, slots=True)
+class _Request:
+    payload: Any
+    num_items: int
+    enqueued_ns: int
+    future: Future = field(default_factory=Future)
+
+
+class DynamicBatcher:
+    """Batches submitted payloads for `execute`; see the module docstring for the policy."""
+
+    def __init__(self, config: BatcherConfig, execute: Execute, name: str = "") -> None:
+        self.config = config
+        self.name = name
+        self._execute = execute
+        self._cond = threading.Condition()
+        self._queue: deque[_Request] = deque()
+        self._num_in_flight = 0
+        self._closed = False
+        self._stats = _StatsRecorder()
+        self._preferred_sizes = frozenset(config.preferred_batch_sizes or (config.max_batch_size,))
+        self._max_queue_delay_ns = config.max_queue_delay_us * 1_000
+        self._thread = threading.Thread(
+            target=self._run, name=f"batcher-{name}" if name else "batcher", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch."""
+        with self._cond:
+            return len(self._queue)
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests in the batch `execute` is running now."""
+        with self._cond:
+            return self._num_in_flight
+
+    def stats(self) -> BatcherStats:
+        with self._cond:
+            return self._stats.snapshot()
+
+    def submit(self, payload: Any, num_items: int) -> Future:
+        """Queues one request of `num_items` items; the future holds its result or error."""
+        max_batch_size = self.config.max_batch_size
+        is_int = isinstance(num_items, int) and not isinstance(num_items, bool)
+        if not is_int or not 1 <= num_items <= max_batch_size:
+            raise InvalidArgument(
+                f"num_items must be in 1..max_batch_size={max_batch_size}, got {num_items!r}"
+            )
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"batcher {self.name!r} is closed")
+            max_queue_size = self.config.max_queue_size
+            if max_queue_size and len(self._queue) >= max_queue_size:
+                raise Overloaded(
+                    f"batcher {self.name!r} queue is full: {len(self._queue)} requests waiting, "
+                    f"max_queue_size={max_queue_size}"
+                )
+            request = _Request(payload, num_items, time.monotonic_ns(), future)
+            self._queue.append(request)
+            self._cond.notify()
+        # Added outside the lock: the callback takes the lock, and a future cancelled in the
+        # meantime runs its callback right here.
+        future.add_done_callback(functools.partial(self._forget_if_cancelled, request))
+        return future
+
+    async def submit_async(self, payload: Any, num_items: int) -> Any:
+        """submit() for asyncio callers; cancelling the awaiting task withdraws a queued request."""
+        future = self.submit(payload, num_items)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # A request already executing cannot be withdrawn; its result is simply dropped.
+            future.cancel()
+            raise
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stops accepting requests, runs everything queued, then joins the worker thread.
+
+        Requests still queued when `timeout_s` runs out fail with Unavailable, so no caller
+        waits forever on a batcher that is gone.
+        """
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if threading.current_thread() is self._thread:
+            return  # close() from inside execute: the loop exits once the queue drains
+        self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            return
+        with self._cond:
+            abandoned = list(self._queue)
+            self._queue.clear()
+        for request in abandoned:
+            if request.future.set_running_or_notify_cancel():
+                request.future.set_exception(
+                    Unavailable(f"batcher {self.name!r} closed before the request ran")
+                )
+
+    def _forget_if_cancelled(self, request: _Request, future: Future) -> None:
+        # Frees the queue slot now rather than when the worker reaches it, so a cancelled request
+        # neither counts against max_queue_size nor holds the oldest-request delay.
+        if not future.cancelled():
+            return
+        with self._cond:
+            try:
+                self._queue.remove(request)
+            except ValueError:
+                return  # already taken for a batch, which drops it
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._execute_batch(batch)
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Blocks until a batch is due; None once closed and drained."""
+        with self._cond:
+            while True:
+                num_requests, wait_s = self._plan(time.monotonic_ns())
+                if num_requests:
+                    batch = self._take(num_requests)
+                    if batch:
+                        self._num_in_flight = len(batch)
+                        return batch
+                    continue  # every request taken had just been cancelled
+                if self._closed and not self._queue:
+                    return None
+                self._cond.wait(wait_s)
+
+    def _plan(self, now_ns: int) -> tuple[int, float | None]:
+        """(requests to dispatch now, or 0 and seconds to wait; None = until notified)."""
+        if not self._queue:
+            return 0, None
+        max_batch_size = self.config.max_batch_size
+        num_items = num_requests = num_requests_preferred = 0
+        is_full = False
+        for request in self._queue:  # stops within max_batch_size items: each request has >= 1
+            if num_items + request.num_items > max_batch_size:
+                is_full = True
+                break
+            num_items += request.num_items
+            num_requests += 1
+            if num_items in self._preferred_sizes:
+                num_requests_preferred = num_requests
+            if num_items == max_batch_size:
+                is_full = True
+                break
+        if num_requests_preferred:
+            return num_requests_preferred, None
+        waited_ns = now_ns - self._queue[0].enqueued_ns
+        if is_full or self._closed or waited_ns >= self._max_queue_delay_ns:
+            return num_requests, None
+        return 0, (self._max_queue_delay_ns - waited_ns) / 1e9
+
+    def _take(self, num_requests: int) -> list[_Request]:
+        batch = []
+        for _ in range(num_requests):
+            request = self._queue.popleft()
+            # Settles the race with a cancel() that has not yet run its callback: once running,
+            # the future can no longer be cancelled.
+            if request.future.set_running_or_notify_cancel():
+                batch.append(request)
+        return batch
+
+    def _execute_batch(self, batch: list[_Request]) -> None:
+        start_ns = time.monotonic_ns()
+        try:
+            results = list(self._execute([request.payload for request in batch]))
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"execute returned {len(results)} results for {len(batch)} payloads"
+                )
+        except Exception as error:  # fails this batch only; the batcher keeps serving
+            results = [error] * len(batch)
+        end_ns = time.monotonic_ns()
+        succeeded = [not isinstance(result, BaseException) for result in results]
+        with self._cond:
+            # Recorded before any future resolves, so a caller holding its result sees it counted.
+            self._stats.record_batch(
+                [request.enqueued_ns for request in batch],
+                succeeded,
+                sum(request.num_items for request in batch),
+                start_ns,
+                end_ns,
+            )
+            self._num_in_flight = 0
+        for request, result, ok in zip(batch, results, succeeded):
+            if ok:
+                request.future.set_result(result)
+            else:
+                request.future.set_exception(result)

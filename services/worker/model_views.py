@@ -1,0 +1,109 @@
+"""Triton-protocol views of a served model: metadata, configuration, statistics."""
+
+from __future__ import annotations
+
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import model_config_pb2 as mc
+from services.worker.batcher import BatcherStats
+from services.worker.embedding_model import PLATFORM, EmbeddingModel
+
+_CONFIG_DATATYPES = {
+    "BOOL": mc.TYPE_BOOL,
+    "UINT8": mc.TYPE_UINT8,
+    "UINT16": mc.TYPE_UINT16,
+    "UINT32": mc.TYPE_UINT32,
+    "UINT64": mc.TYPE_UINT64,
+    "INT8": mc.TYPE_INT8,
+    "INT16": mc.TYPE_INT16,
+    "INT32": mc.TYPE_INT32,
+    "INT64": mc.TYPE_INT64,
+    "FP16": mc.TYPE_FP16,
+    "FP32": mc.TYPE_FP32,
+    "FP64": mc.TYPE_FP64,
+    "BYTES": mc.TYPE_STRING,
+}
+
+
+def model_metadata(model: EmbeddingModel) -> pb.ModelMetadataResponse:
+    batched = model.max_batch_size > 0
+
+    def tensors(specs):
+        return [
+            pb.ModelMetadataResponse.TensorMetadata(
+                name=s.name, datatype=s.datatype, shape=s.shape_with_batch(batched)
+            )
+            for s in specs.values()
+        ]
+
+    return pb.ModelMetadataResponse(
+        name=model.name,
+        versions=[model.version],
+        platform=PLATFORM,
+        inputs=tensors(model.inputs),
+        outputs=tensors(model.outputs),
+    )
+
+
+def model_config(model: EmbeddingModel) -> pb.ModelConfigResponse:
+    batcher = model.batcher_config
+    config = mc.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend="tensoryard",
+        max_batch_size=model.max_batch_size,
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+        input=[
+            mc.ModelInput(name=s.name, data_type=_CONFIG_DATATYPES[s.datatype], dims=s.dims, optional=s.optional)
+            for s in model.inputs.values()
+        ],
+        output=[
+            mc.ModelOutput(name=s.name, data_type=_CONFIG_DATATYPES[s.datatype], dims=s.dims)
+            for s in model.outputs.values()
+        ],
+        dynamic_batching=mc.ModelDynamicBatching(
+            preferred_batch_size=batcher.preferred_batch_sizes,
+            max_queue_delay_microseconds=batcher.max_queue_delay_us,
+            default_queue_policy=mc.ModelQueuePolicy(max_queue_size=batcher.max_queue_size),
+        ),
+        instance_group=[mc.ModelInstanceGroup(name=model.name, kind=_instance_kind(model), count=1)],
+        parameters={"max_seq_length": mc.ModelParameter(string_value=str(model.encoder.max_seq_length))},
+    )
+    return pb.ModelConfigResponse(config=config)
+
+
+def _instance_kind(model: EmbeddingModel):
+    return (
+        mc.ModelInstanceGroup.KIND_GPU
+        if str(model.encoder.device).startswith("cuda")
+        else mc.ModelInstanceGroup.KIND_CPU
+    )
+
+
+def model_statistics(model: EmbeddingModel, stats: BatcherStats) -> pb.ModelStatistics:
+    def duration(d):
+        return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+    return pb.ModelStatistics(
+        name=model.name,
+        version=model.version,
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=duration(stats.success),
+            fail=duration(stats.fail),
+            queue=duration(stats.queue),
+            compute_infer=duration(stats.compute_infer),
+            compute_input=pb.StatisticDuration(count=stats.success.count),
+            compute_output=pb.StatisticDuration(count=stats.success.count),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=b.batch_size,
+                compute_infer=duration(b.compute_infer),
+                compute_input=pb.StatisticDuration(count=b.compute_infer.count),
+                compute_output=pb.StatisticDuration(count=b.compute_infer.count),
+            )
+            for b in stats.batch_stats
+        ],
+    )

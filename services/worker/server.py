@@ -1,0 +1,178 @@
+"""The worker process: one model version, from registry to ready, and back out on SIGTERM.
+
+Order matters and is what health reports:
+1. the gRPC server starts at once with health NOT_SERVING (so probes get an answer while loading);
+2. the model's files are fetched and each sha256 verified (a mismatch ends the process, exit 3);
+3. weights load from safetensors and the model warms up;
+4. health turns SERVING and only then does the worker register in discovery;
+5. on SIGTERM / SIGINT: deregister first (routers stop sending), refuse new work, finish what is in
+   flight, stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import torch
+
+from protos.inference import grpc_service_pb2_grpc
+from protos.tensoryard.v1 import discovery_pb2, embeddings_pb2_grpc, worker_pb2_grpc
+from services.common.config import WorkerConfig
+from services.common.discovery import DiscoveryClient, Registration
+from services.common.errors import FailedPrecondition, IntegrityError
+from services.common.grpc_server import GrpcHost, aio_channel, install_signal_handlers
+from services.common.telemetry import get_logger, start_metrics_server
+from services.worker.batcher import BatcherConfig
+from services.worker.embedding_model import EmbeddingModel
+from services.worker.model_files import FetchedVersion, fetch_version
+from services.worker.models.sentence_encoder import SentenceEncoder
+from services.worker.servicer import EmbeddingsServicer, InferenceServicer, WorkerControlServicer
+from services.worker.state import Phase, WorkerState
+
+log = get_logger(__name__)
+
+EXIT_INTEGRITY = 3
+EXIT_LOAD_FAILED = 4
+
+# Serving defaults for an embedding model; a version's config and the worker's flags override.
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_QUEUE_DELAY_US = 1_000
+DEFAULT_MAX_QUEUE_SIZE = 1_024
+
+
+def batcher_config_for(version_config: dict, config: WorkerConfig) -> BatcherConfig:
+    max_batch_size = config.max_batch_size or int(version_config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
+    preferred = tuple(
+        int(s) for s in version_config.get("preferred_batch_sizes", ()) if int(s) <= max_batch_size
+    )
+    delay_us = (
+        config.max_queue_delay_us
+        if config.max_queue_delay_us >= 0
+        else int(version_config.get("max_queue_delay_us", DEFAULT_MAX_QUEUE_DELAY_US))
+    )
+    return BatcherConfig(
+        max_batch_size=max_batch_size,
+        preferred_batch_sizes=preferred,
+        max_queue_delay_us=delay_us,
+        max_queue_size=config.max_queue_size or int(version_config.get("max_queue_size", DEFAULT_MAX_QUEUE_SIZE)),
+    )
+
+
+def load_model(fetched: FetchedVersion, config: WorkerConfig) -> EmbeddingModel:
+    if fetched.task != "embedding":
+        raise FailedPrecondition(
+            f"model '{fetched.model_name}' is a {fetched.task!r} model; this worker serves embedding models"
+        )
+    if config.num_threads > 0:
+        torch.set_num_threads(config.num_threads)
+    encoder = SentenceEncoder.from_folder(fetched.folder, device=config.device)
+    return EmbeddingModel(
+        fetched.model_name, str(fetched.version), encoder, batcher_config_for(fetched.config, config)
+    )
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.state = WorkerState(worker_id=uuid.uuid4().hex[:12], model_name=config.model_name)
+        self.host = GrpcHost()
+        self.registration: Registration | None = None
+        self.stopped = asyncio.Event()
+
+    async def run(self) -> int:
+        metrics_port = start_metrics_server(self.config.telemetry, self.config.host)
+        self._add_services()
+        port = await self.host.start(self.config.host, self.config.port)
+        address = f"{self.config.host}:{port}"
+        log.info("worker_listening", address=address, metrics_port=metrics_port, model=self.config.model_name)
+        install_signal_handlers(self.stopped)
+        registry = aio_channel(self.config.registry_address)
+        loading = asyncio.create_task(self._load(registry))
+        await asyncio.wait([loading, asyncio.create_task(self.stopped.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if not loading.done():  # stopped while loading
+            loading.cancel()
+            await self.host.stop(grace_s=0)
+            return 0
+        exit_code = loading.result()
+        if exit_code:
+            await self.host.stop(grace_s=0)
+            return exit_code
+        self.registration = await DiscoveryClient(registry).register(
+            discovery_pb2.Instance(
+                instance_id=self.state.worker_id,
+                service="worker",
+                address=address,
+                model_name=self.state.model.name,
+                model_version=self.state.model.version,
+                metadata={"metrics_port": str(metrics_port or ""), "platform": "tensoryard_sentence_encoder"},
+            ),
+            self.config.lease_ttl_ms,
+        )
+        log.info("worker_ready", address=address, model=self.state.model.name, version=self.state.model.version)
+        await self.stopped.wait()
+        await self.drain(self.config.drain_timeout_s)
+        await self.host.stop(grace_s=1.0)
+        await registry.close()
+        log.info("worker_stopped")
+        return 0
+
+    def _add_services(self) -> None:
+        self.host.add_servicer(
+            grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+            InferenceServicer(self.state),
+            "inference.GRPCInferenceService",
+        )
+        self.host.add_servicer(
+            embeddings_pb2_grpc.add_EmbeddingsServicer_to_server,
+            EmbeddingsServicer(self.state),
+            "tensoryard.v1.Embeddings",
+        )
+        self.host.add_servicer(
+            worker_pb2_grpc.add_WorkerControlServicer_to_server,
+            WorkerControlServicer(self.state, self.drain),
+            "tensoryard.v1.WorkerControl",
+        )
+
+    async def _load(self, registry) -> int:
+        try:
+            fetched = await fetch_version(
+                registry, self.config.model_name, self.config.model_version, self.config.cache_dir
+            )
+        except IntegrityError as error:
+            log.error("model_files_rejected", error=error.message)
+            return EXIT_INTEGRITY
+        try:
+            model = await asyncio.to_thread(load_model, fetched, self.config)
+            await asyncio.to_thread(model.warm_up, self.config.warmup_batches)
+        except Exception as error:  # noqa: BLE001 - any load failure ends this worker, loudly
+            log.error("model_load_failed", error=str(error), exc_info=error)
+            return EXIT_LOAD_FAILED
+        self.state.model = model
+        self.state.phase = Phase.SERVING
+        await self.host.set_serving(True)
+        return 0
+
+    async def drain(self, timeout_s: float | None) -> int:
+        """Deregister, refuse new work, wait for in-flight requests; returns how many finished."""
+        if self.state.phase is Phase.DRAINING:
+            return 0
+        self.state.phase = Phase.DRAINING
+        await self.host.set_serving(False)
+        if self.registration is not None:
+            await self.registration.stop()
+        num_in_flight = self.state.num_in_flight
+        finished_before = self.state.num_requests_ok + self.state.num_requests_failed
+        deadline = asyncio.get_running_loop().time() + (timeout_s or self.config.drain_timeout_s)
+        while self.state.num_in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        if self.state.model is not None:
+            await asyncio.to_thread(self.state.model.close)
+        finished = self.state.num_requests_ok + self.state.num_requests_failed - finished_before
+        log.info("worker_drained", in_flight_at_start=num_in_flight, finished=finished)
+        self.stopped.set()
+        return finished
+
+
+async def serve(config: WorkerConfig) -> int:
+    return await Worker(config).run()

@@ -1,0 +1,149 @@
+"""The worker's gRPC servicers: Triton protocol, native embeddings, worker control.
+
+Each method checks that the request names this worker's model, turns the proto into a domain
+request (`EmbeddingModel.job_from_*`), awaits the batcher and encodes the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.tensoryard.v1 import embeddings_pb2, embeddings_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.errors import NotFound, Unavailable, status_for
+from services.common.grpc_server import bind_request
+from services.worker import model_views
+from services.worker.embedding_model import EmbeddingModel
+from services.worker.state import WorkerState
+
+SERVER_NAME = "tensoryard-worker"
+SERVER_VERSION = "0.1.0"
+SERVER_EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data"]
+
+
+def check_model(state: WorkerState, name: str, version: str) -> EmbeddingModel:
+    model = state.model
+    if model is None or name != model.name:
+        raise NotFound(f"unknown model '{name}': this worker serves '{state.model_name}'")
+    if version and version != model.version:
+        raise NotFound(f"model '{name}' has no version '{version}' here (serving version {model.version})")
+    return model
+
+
+def infer_response(model: EmbeddingModel, request_id: str, embeddings: np.ndarray) -> pb.ModelInferResponse:
+    return pb.ModelInferResponse(
+        model_name=model.name,
+        model_version=model.version,
+        id=request_id,
+        outputs=[
+            pb.ModelInferResponse.InferOutputTensor(
+                name="embedding", datatype="FP32", shape=list(embeddings.shape)
+            )
+        ],
+        raw_output_contents=[np.ascontiguousarray(embeddings, dtype="<f4").tobytes()],
+    )
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, state: WorkerState):
+        self._state = state
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self._state.serving)
+
+    async def ModelReady(self, request, context):
+        model = self._state.model
+        ready = (
+            self._state.serving
+            and model is not None
+            and request.name == model.name
+            and request.version in ("", model.version)
+        )
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=SERVER_EXTENSIONS
+        )
+
+    async def ModelMetadata(self, request, context):
+        return model_views.model_metadata(check_model(self._state, request.name, request.version))
+
+    async def ModelConfig(self, request, context):
+        return model_views.model_config(check_model(self._state, request.name, request.version))
+
+    async def ModelStatistics(self, request, context):
+        if not request.name and self._state.model is None:
+            return pb.ModelStatisticsResponse()
+        model = check_model(self._state, request.name or self._state.model_name, request.version)
+        stats = model.batcher.stats()
+        return pb.ModelStatisticsResponse(model_stats=[model_views.model_statistics(model, stats)])
+
+    async def ModelInfer(self, request, context):
+        return await self._infer(request)
+
+    async def _infer(self, request) -> pb.ModelInferResponse:
+        bind_request(request.id, request.model_name, request.model_version)
+        model = check_model(self._state, request.model_name, request.model_version)
+        self._state.check_accepting()
+        job = model.job_from_infer_request(request)
+        with self._state.track_request():
+            embeddings = await model.embed(job)
+        return infer_response(model, request.id, embeddings)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        # Embedding models answer each request with exactly one response; an error travels in
+        # the response so the stream stays open for the caller's next request.
+        async for request in request_iterator:
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            except Exception as error:  # noqa: BLE001 - reported in-band, as Triton does
+                _, message = status_for(error)
+                yield pb.ModelStreamInferResponse(error_message=message)
+
+
+class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
+    def __init__(self, state: WorkerState):
+        self._state = state
+
+    async def Embed(self, request, context):
+        bind_request(request.id, request.model_name, request.model_version)
+        model = check_model(self._state, request.model_name, request.model_version)
+        self._state.check_accepting()
+        job = model.job_from_texts(list(request.texts))
+        with self._state.track_request():
+            embeddings = await model.embed(job)
+        return embeddings_pb2.EmbedResponse(
+            model_name=model.name,
+            model_version=model.version,
+            id=request.id,
+            dim=int(embeddings.shape[1]),
+            embeddings=np.ascontiguousarray(embeddings, dtype="<f4").tobytes(),
+        )
+
+
+class WorkerControlServicer(worker_pb2_grpc.WorkerControlServicer):
+    def __init__(self, state: WorkerState, drain):
+        self._state = state
+        self._drain = drain
+
+    async def GetStats(self, request, context):
+        return self._state.stats_proto()
+
+    async def StreamLoad(self, request, context):
+        interval_s = max(request.interval_ms or 500, 50) / 1000
+        while True:
+            yield self._state.stats_proto()
+            await asyncio.sleep(interval_s)
+
+    async def Drain(self, request, context):
+        if self._state.model is None:
+            raise Unavailable("the worker has no model loaded yet")
+        num_finished = await self._drain(request.timeout_s or None)
+        return worker_pb2.DrainResponse(num_finished=num_finished)

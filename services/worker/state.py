@@ -1,0 +1,66 @@
+"""What the worker is doing right now, shared by its servicers and its lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import time
+from dataclasses import dataclass, field
+
+from protos.tensoryard.v1 import worker_pb2
+from services.common.errors import Unavailable
+from services.worker.embedding_model import EmbeddingModel
+
+
+class Phase(enum.StrEnum):
+    LOADING = "LOADING"  # fetching files, loading weights, warming up: health NOT_SERVING
+    SERVING = "SERVING"
+    DRAINING = "DRAINING"  # finishing in-flight work; new requests get UNAVAILABLE
+
+
+@dataclass(slots=True)
+class WorkerState:
+    worker_id: str
+    model_name: str
+    model: EmbeddingModel | None = None
+    phase: Phase = Phase.LOADING
+    num_in_flight: int = 0
+    num_requests_ok: int = 0
+    num_requests_failed: int = 0
+    started_at_s: float = field(default_factory=time.time)
+
+    @property
+    def serving(self) -> bool:
+        return self.phase is Phase.SERVING and self.model is not None
+
+    def check_accepting(self) -> None:
+        if self.phase is Phase.DRAINING:
+            raise Unavailable(f"worker {self.worker_id} is draining; send the request to another replica")
+        if self.model is None:
+            raise Unavailable(f"worker {self.worker_id} is still loading '{self.model_name}'")
+
+    @contextlib.contextmanager
+    def track_request(self):
+        self.num_in_flight += 1
+        try:
+            yield
+        except BaseException:
+            self.num_requests_failed += 1
+            raise
+        else:
+            self.num_requests_ok += 1
+        finally:
+            self.num_in_flight -= 1
+
+    def stats_proto(self) -> worker_pb2.WorkerStats:
+        model = self.model
+        return worker_pb2.WorkerStats(
+            worker_id=self.worker_id,
+            model_name=self.model_name,
+            model_version=model.version if model else "",
+            state=self.phase.value,
+            queue_depth=model.batcher.queue_depth if model else 0,
+            num_in_flight=self.num_in_flight,
+            num_requests_ok=self.num_requests_ok,
+            num_requests_failed=self.num_requests_failed,
+        )
