@@ -21,7 +21,7 @@ import numpy as np
 from services.common.errors import InvalidArgument
 from services.worker.batcher import BatcherConfig, DynamicBatcher
 from services.worker.models.sentence_encoder import SentenceEncoder
-from services.worker.tensor_codec import TensorSpec, decode_inputs
+from services.worker.tensor_codec import TensorSpec, check_requested_outputs, decode_inputs
 
 PLATFORM = "tensoryard_sentence_encoder"
 
@@ -60,6 +60,7 @@ class EmbeddingModel:
     # -- request side (gRPC thread) ----------------------------------------------------------
 
     def job_from_infer_request(self, request) -> EmbedJob:
+        check_requested_outputs(request, self.outputs, self.name)
         arrays, _ = decode_inputs(request, self.inputs, self.name, self.max_batch_size)
         if "text" in arrays:
             if "input_ids" in arrays or "attention_mask" in arrays:

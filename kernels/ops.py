@@ -1,0 +1,86 @@
+"""The ops interface: the few kernels the model calls, and the backend that provides them.
+
+Model code calls `ops.rmsnorm`, `ops.rope`, `ops.silu_and_mul`, `ops.write_kv` and
+`ops.paged_attention` on an `Ops` it is given, never a kernel module directly, so the Triton backend
+swaps in with no change to the model or the engine. `torch` is the reference implementations in this
+package (CPU or CUDA); `triton` is provided by `kernels.triton_backend.make_ops()` when that module
+exists and CUDA is present. `auto` takes triton where it can and torch otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """How the step's flat batch maps onto sequences and the paged cache (built by the runner)."""
+
+    slot_mapping: torch.Tensor  # [N] int64: cache slot (block_id * block_size + offset) of each new token
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32: new tokens of sequence b are rows cu[b]:cu[b + 1]
+    context_lens: torch.Tensor  # [B] int32: tokens of sequence b in the cache once this step's are written
+    block_tables: torch.Tensor  # [B, max_blocks] int32: cache blocks of sequence b, padded with 0
+    max_seqlen_q: int  # host copies of the maxima, so launchers size grids without a device sync
+    max_context_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ops:
+    name: str
+    # (x [N, H], weight [H], eps, residual [N, H] | None) -> (normed, x + residual)
+    rmsnorm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    # (q [N, Hq, D], k [N, Hkv, D], positions [N], cos_sin_cache [P, D]) -> (q, k) rotated
+    rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    # [N, 2I] -> [N, I]
+    silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
+    # (k, v [N, Hkv, D], k_cache, v_cache, slot_mapping [N]) -> None, in place
+    write_kv: Callable[..., None]
+    # (q [N, Hq, D], k_cache, v_cache, AttentionMetadata, scale, sliding_window) -> [N, Hq, D]
+    paged_attention: Callable[..., torch.Tensor]
+
+
+def torch_ops() -> Ops:
+    from kernels.activation import silu_and_mul_ref
+    from kernels.attention_ref import paged_attention_ref
+    from kernels.kv_write import write_kv_ref
+    from kernels.rmsnorm import rmsnorm_ref
+    from kernels.rope import rope_ref
+
+    return Ops(
+        name="torch",
+        rmsnorm=rmsnorm_ref,
+        rope=rope_ref,
+        silu_and_mul=silu_and_mul_ref,
+        write_kv=write_kv_ref,
+        paged_attention=paged_attention_ref,
+    )
+
+
+def _triton_ops() -> Ops | None:
+    """The Triton backend, or None where it cannot run (no CUDA, no triton, not written yet)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        module = importlib.import_module("kernels.triton_backend")
+    except ImportError:
+        return None
+    return module.make_ops()
+
+
+def get_ops(backend: str = "auto") -> Ops:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return torch_ops()
+    ops = _triton_ops()
+    if ops is not None:
+        return ops
+    if backend == "triton":
+        raise ValueError("backend 'triton' needs CUDA, the triton package and kernels.triton_backend")
+    return torch_ops()

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.ops import get_ops
+
+
+def test_torch_backend_is_the_reference():
+    assert get_ops("torch").name == "torch"
+
+
+def test_auto_falls_back_to_torch_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: auto may pick triton")
+    assert get_ops("auto").name == "torch"
+
+
+def test_triton_without_cuda_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ValueError, match="triton"):
+        get_ops("triton")
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend"):
+        get_ops("cuda")
