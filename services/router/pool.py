@@ -45,6 +45,12 @@ class Backend:
             call = self._calls[method] = self.channel.unary_unary(method)
         return call
 
+    def unary_stream(self, method: str):
+        call = self._calls.get(method)
+        if call is None:
+            call = self._calls[method] = self.channel.unary_stream(method)
+        return call
+
     def stream_stream(self, method: str):
         call = self._calls.get(method)
         if call is None:

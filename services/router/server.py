@@ -6,7 +6,7 @@ import asyncio
 
 # Imported for their descriptors: reflection describes every service the router serves.
 from protos.inference import grpc_service_pb2  # noqa: F401
-from protos.tensoryard.v1 import embeddings_pb2  # noqa: F401
+from protos.tensoryard.v1 import embeddings_pb2, generation_pb2  # noqa: F401
 from services.common.config import RouterConfig
 from services.common.discovery import DiscoveryClient
 from services.common.grpc_server import GrpcHost, aio_channel, install_signal_handlers

@@ -91,6 +91,30 @@ class RoutingServicer:
         finally:
             backend.num_outstanding -= 1
 
+    def forward_unary_stream(self, method: str) -> Callable:
+        async def handle(request_bytes: bytes, context: grpc.aio.ServicerContext):
+            header = routing_pb2.RoutingHeader.FromString(request_bytes)
+            bind_request(header.id, header.model_name, header.model_version)
+            backend = await self._choose(header)
+            call = backend.unary_stream(method)(
+                request_bytes,
+                timeout=context.time_remaining(),
+                metadata=_forwardable(context.invocation_metadata()),
+            )
+            backend.num_outstanding += 1
+            try:
+                async for response in call:
+                    yield response
+            except grpc.aio.AioRpcError as error:
+                await context.abort(error.code(), error.details())
+            finally:
+                # A caller that hung up cancels this handler; cancelling the worker's call is what
+                # makes the worker abort the sequence and free its KV blocks.
+                backend.num_outstanding -= 1
+                call.cancel()
+
+        return handle
+
     def forward_stream(self, method: str) -> Callable:
         async def handle(request_iterator, context: grpc.aio.ServicerContext):
             # A stream goes to the worker chosen for its first request.
@@ -222,9 +246,18 @@ def inference_handler(servicer: RoutingServicer) -> grpc.GenericRpcHandler:
 
 
 def native_handlers(servicer: RoutingServicer) -> list[tuple[grpc.GenericRpcHandler, str]]:
-    """Forwarded native APIs: embeddings now; generation joins when workers serve it."""
+    """Forwarded native APIs, bytes in and bytes out like ModelInfer."""
     embed = grpc.unary_unary_rpc_method_handler(servicer.forward_unary("/tensoryard.v1.Embeddings/Embed"))
-    return [(grpc.method_handlers_generic_handler("tensoryard.v1.Embeddings", {"Embed": embed}), "tensoryard.v1.Embeddings")]
+    generate = grpc.unary_stream_rpc_method_handler(
+        servicer.forward_unary_stream("/tensoryard.v1.TextGeneration/Generate")
+    )
+    return [
+        (grpc.method_handlers_generic_handler("tensoryard.v1.Embeddings", {"Embed": embed}), "tensoryard.v1.Embeddings"),
+        (
+            grpc.method_handlers_generic_handler("tensoryard.v1.TextGeneration", {"Generate": generate}),
+            "tensoryard.v1.TextGeneration",
+        ),
+    ]
 
 
 def _message_class(descriptor):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protos.inference import grpc_service_pb2 as pb
 from services.common.errors import InvalidArgument
 from services.worker.batcher import BatcherConfig, DynamicBatcher
 from services.worker.models.sentence_encoder import SentenceEncoder
@@ -40,6 +41,9 @@ class EmbedJob:
 
 
 class EmbeddingModel:
+    platform = PLATFORM
+    decoupled = False
+
     def __init__(self, name: str, version: str, encoder: SentenceEncoder, batcher_config: BatcherConfig):
         self.name = name
         self.version = version
@@ -56,6 +60,20 @@ class EmbeddingModel:
     @property
     def max_batch_size(self) -> int:
         return self.batcher_config.max_batch_size
+
+    @property
+    def device(self) -> str:
+        return str(self.encoder.device)
+
+    @property
+    def queue_depth(self) -> int:
+        return self.batcher.queue_depth
+
+    def statistics(self):
+        return self.batcher.stats()
+
+    def load_fields(self) -> dict:
+        return {}
 
     # -- request side (gRPC thread) ----------------------------------------------------------
 
@@ -108,6 +126,20 @@ class EmbeddingModel:
     async def embed(self, job: EmbedJob) -> np.ndarray:
         """[N, dim] float32, through the batcher."""
         return await self.batcher.submit_async(job, job.num_items)
+
+    async def infer(self, request, timeout_s: float | None = None) -> pb.ModelInferResponse:
+        embeddings = await self.embed(self.job_from_infer_request(request))
+        return pb.ModelInferResponse(
+            model_name=self.name,
+            model_version=self.version,
+            id=request.id,
+            outputs=[
+                pb.ModelInferResponse.InferOutputTensor(
+                    name="embedding", datatype="FP32", shape=list(embeddings.shape)
+                )
+            ],
+            raw_output_contents=[np.ascontiguousarray(embeddings, dtype="<f4").tobytes()],
+        )
 
     # -- batch side (batcher thread) -----------------------------------------------------------
 

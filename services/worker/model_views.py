@@ -5,7 +5,6 @@ from __future__ import annotations
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import model_config_pb2 as mc
 from services.worker.batcher import BatcherStats
-from services.worker.embedding_model import PLATFORM, EmbeddingModel
 
 _CONFIG_DATATYPES = {
     "BOOL": mc.TYPE_BOOL,
@@ -24,7 +23,7 @@ _CONFIG_DATATYPES = {
 }
 
 
-def model_metadata(model: EmbeddingModel) -> pb.ModelMetadataResponse:
+def model_metadata(model) -> pb.ModelMetadataResponse:
     batched = model.max_batch_size > 0
 
     def tensors(specs):
@@ -38,17 +37,16 @@ def model_metadata(model: EmbeddingModel) -> pb.ModelMetadataResponse:
     return pb.ModelMetadataResponse(
         name=model.name,
         versions=[model.version],
-        platform=PLATFORM,
+        platform=model.platform,
         inputs=tensors(model.inputs),
         outputs=tensors(model.outputs),
     )
 
 
-def model_config(model: EmbeddingModel) -> pb.ModelConfigResponse:
-    batcher = model.batcher_config
+def model_config(model) -> pb.ModelConfigResponse:
     config = mc.ModelConfig(
         name=model.name,
-        platform=PLATFORM,
+        platform=model.platform,
         backend="tensoryard",
         max_batch_size=model.max_batch_size,
         version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
@@ -60,26 +58,31 @@ def model_config(model: EmbeddingModel) -> pb.ModelConfigResponse:
             mc.ModelOutput(name=s.name, data_type=_CONFIG_DATATYPES[s.datatype], dims=s.dims)
             for s in model.outputs.values()
         ],
-        dynamic_batching=mc.ModelDynamicBatching(
-            preferred_batch_size=batcher.preferred_batch_sizes,
-            max_queue_delay_microseconds=batcher.max_queue_delay_us,
-            default_queue_policy=mc.ModelQueuePolicy(max_queue_size=batcher.max_queue_size),
-        ),
         instance_group=[mc.ModelInstanceGroup(name=model.name, kind=_instance_kind(model), count=1)],
-        parameters={"max_seq_length": mc.ModelParameter(string_value=str(model.encoder.max_seq_length))},
+        model_transaction_policy=mc.ModelTransactionPolicy(decoupled=model.decoupled),
     )
+    batcher = getattr(model, "batcher_config", None)
+    if batcher is not None:
+        config.dynamic_batching.CopyFrom(
+            mc.ModelDynamicBatching(
+                preferred_batch_size=batcher.preferred_batch_sizes,
+                max_queue_delay_microseconds=batcher.max_queue_delay_us,
+                default_queue_policy=mc.ModelQueuePolicy(max_queue_size=batcher.max_queue_size),
+            )
+        )
+        config.parameters["max_seq_length"].string_value = str(model.encoder.max_seq_length)
+    else:
+        config.parameters["max_model_len"].string_value = str(model.max_model_len)
     return pb.ModelConfigResponse(config=config)
 
 
-def _instance_kind(model: EmbeddingModel):
+def _instance_kind(model):
     return (
-        mc.ModelInstanceGroup.KIND_GPU
-        if str(model.encoder.device).startswith("cuda")
-        else mc.ModelInstanceGroup.KIND_CPU
+        mc.ModelInstanceGroup.KIND_GPU if model.device.startswith("cuda") else mc.ModelInstanceGroup.KIND_CPU
     )
 
 
-def model_statistics(model: EmbeddingModel, stats: BatcherStats) -> pb.ModelStatistics:
+def model_statistics(model, stats: BatcherStats) -> pb.ModelStatistics:
     def duration(d):
         return pb.StatisticDuration(count=d.count, ns=d.ns)
 

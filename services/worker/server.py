@@ -14,63 +14,27 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import torch
-
 from protos.inference import grpc_service_pb2_grpc
-from protos.tensoryard.v1 import discovery_pb2, embeddings_pb2_grpc, worker_pb2_grpc
+from protos.tensoryard.v1 import discovery_pb2, embeddings_pb2_grpc, generation_pb2_grpc, worker_pb2_grpc
 from services.common.config import WorkerConfig
 from services.common.discovery import DiscoveryClient, Registration
-from services.common.errors import FailedPrecondition, IntegrityError
+from services.common.errors import IntegrityError
 from services.common.grpc_server import GrpcHost, aio_channel, install_signal_handlers
 from services.common.telemetry import get_logger, start_metrics_server
-from services.worker.batcher import BatcherConfig
-from services.worker.embedding_model import EmbeddingModel
-from services.worker.model_files import FetchedVersion, fetch_version
-from services.worker.models.sentence_encoder import SentenceEncoder
-from services.worker.servicer import EmbeddingsServicer, InferenceServicer, WorkerControlServicer
+from services.worker.loading import load_model, warm_up
+from services.worker.model_files import fetch_version
+from services.worker.servicer import (
+    EmbeddingsServicer,
+    InferenceServicer,
+    TextGenerationServicer,
+    WorkerControlServicer,
+)
 from services.worker.state import Phase, WorkerState
 
 log = get_logger(__name__)
 
 EXIT_INTEGRITY = 3
 EXIT_LOAD_FAILED = 4
-
-# Serving defaults for an embedding model; a version's config and the worker's flags override.
-DEFAULT_MAX_BATCH_SIZE = 64
-DEFAULT_MAX_QUEUE_DELAY_US = 1_000
-DEFAULT_MAX_QUEUE_SIZE = 1_024
-
-
-def batcher_config_for(version_config: dict, config: WorkerConfig) -> BatcherConfig:
-    max_batch_size = config.max_batch_size or int(version_config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
-    preferred = tuple(
-        int(s) for s in version_config.get("preferred_batch_sizes", ()) if int(s) <= max_batch_size
-    )
-    delay_us = (
-        config.max_queue_delay_us
-        if config.max_queue_delay_us >= 0
-        else int(version_config.get("max_queue_delay_us", DEFAULT_MAX_QUEUE_DELAY_US))
-    )
-    return BatcherConfig(
-        max_batch_size=max_batch_size,
-        preferred_batch_sizes=preferred,
-        max_queue_delay_us=delay_us,
-        max_queue_size=config.max_queue_size or int(version_config.get("max_queue_size", DEFAULT_MAX_QUEUE_SIZE)),
-    )
-
-
-def load_model(fetched: FetchedVersion, config: WorkerConfig) -> EmbeddingModel:
-    if fetched.task != "embedding":
-        raise FailedPrecondition(
-            f"model '{fetched.model_name}' is a {fetched.task!r} model; this worker serves embedding models"
-        )
-    if config.num_threads > 0:
-        torch.set_num_threads(config.num_threads)
-    encoder = SentenceEncoder.from_folder(fetched.folder, device=config.device)
-    return EmbeddingModel(
-        fetched.model_name, str(fetched.version), encoder, batcher_config_for(fetched.config, config)
-    )
-
 
 class Worker:
     def __init__(self, config: WorkerConfig):
@@ -105,7 +69,7 @@ class Worker:
                 address=address,
                 model_name=self.state.model.name,
                 model_version=self.state.model.version,
-                metadata={"metrics_port": str(metrics_port or ""), "platform": "tensoryard_sentence_encoder"},
+                metadata={"metrics_port": str(metrics_port or ""), "platform": self.state.model.platform},
             ),
             self.config.lease_ttl_ms,
         )
@@ -129,6 +93,11 @@ class Worker:
             "tensoryard.v1.Embeddings",
         )
         self.host.add_servicer(
+            generation_pb2_grpc.add_TextGenerationServicer_to_server,
+            TextGenerationServicer(self.state),
+            "tensoryard.v1.TextGeneration",
+        )
+        self.host.add_servicer(
             worker_pb2_grpc.add_WorkerControlServicer_to_server,
             WorkerControlServicer(self.state, self.drain),
             "tensoryard.v1.WorkerControl",
@@ -144,7 +113,7 @@ class Worker:
             return EXIT_INTEGRITY
         try:
             model = await asyncio.to_thread(load_model, fetched, self.config)
-            await asyncio.to_thread(model.warm_up, self.config.warmup_batches)
+            await asyncio.to_thread(warm_up, model, self.config.warmup_batches)
         except Exception as error:  # noqa: BLE001 - any load failure ends this worker, loudly
             log.error("model_load_failed", error=str(error), exc_info=error)
             return EXIT_LOAD_FAILED

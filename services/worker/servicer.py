@@ -1,22 +1,31 @@
-"""The worker's gRPC servicers: Triton protocol, native embeddings, worker control.
+"""The worker's gRPC servicers: Triton protocol, native embeddings and generation, worker control.
 
-Each method checks that the request names this worker's model, turns the proto into a domain
-request (`EmbeddingModel.job_from_*`), awaits the batcher and encodes the answer.
+Each method checks that the request names this worker's model and hands the request to the served
+model (`EmbeddingModel` or `GenerationModel`), which validates it, runs it and encodes the answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from protos.tensoryard.v1 import embeddings_pb2, embeddings_pb2_grpc, worker_pb2, worker_pb2_grpc
-from services.common.errors import NotFound, Unavailable, status_for
+from protos.tensoryard.v1 import (
+    embeddings_pb2,
+    embeddings_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+from services.common.errors import InvalidArgument, NotFound, Unavailable, status_for
 from services.common.grpc_server import bind_request
 from services.worker import model_views
 from services.worker.embedding_model import EmbeddingModel
+from services.worker.generation_model import GenerationModel
 from services.worker.state import WorkerState
 
 SERVER_NAME = "tensoryard-worker"
@@ -24,27 +33,15 @@ SERVER_VERSION = "0.1.0"
 SERVER_EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data"]
 
 
-def check_model(state: WorkerState, name: str, version: str) -> EmbeddingModel:
+def check_model(state: WorkerState, name: str, version: str, kind: type | None = None):
     model = state.model
     if model is None or name != model.name:
         raise NotFound(f"unknown model '{name}': this worker serves '{state.model_name}'")
     if version and version != model.version:
         raise NotFound(f"model '{name}' has no version '{version}' here (serving version {model.version})")
+    if kind is not None and not isinstance(model, kind):
+        raise InvalidArgument(f"model '{name}' is a {model.platform} model; this API does not serve it")
     return model
-
-
-def infer_response(model: EmbeddingModel, request_id: str, embeddings: np.ndarray) -> pb.ModelInferResponse:
-    return pb.ModelInferResponse(
-        model_name=model.name,
-        model_version=model.version,
-        id=request_id,
-        outputs=[
-            pb.ModelInferResponse.InferOutputTensor(
-                name="embedding", datatype="FP32", shape=list(embeddings.shape)
-            )
-        ],
-        raw_output_contents=[np.ascontiguousarray(embeddings, dtype="<f4").tobytes()],
-    )
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -82,30 +79,88 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not request.name and self._state.model is None:
             return pb.ModelStatisticsResponse()
         model = check_model(self._state, request.name or self._state.model_name, request.version)
-        stats = model.batcher.stats()
-        return pb.ModelStatisticsResponse(model_stats=[model_views.model_statistics(model, stats)])
+        return pb.ModelStatisticsResponse(model_stats=[model_views.model_statistics(model, model.statistics())])
 
     async def ModelInfer(self, request, context):
-        return await self._infer(request)
-
-    async def _infer(self, request) -> pb.ModelInferResponse:
         bind_request(request.id, request.model_name, request.model_version)
         model = check_model(self._state, request.model_name, request.model_version)
         self._state.check_accepting()
-        job = model.job_from_infer_request(request)
         with self._state.track_request():
-            embeddings = await model.embed(job)
-        return infer_response(model, request.id, embeddings)
+            return await model.infer(request, context.time_remaining())
 
     async def ModelStreamInfer(self, request_iterator, context):
-        # Embedding models answer each request with exactly one response; an error travels in
-        # the response so the stream stays open for the caller's next request.
+        model = self._state.model
+        if isinstance(model, GenerationModel):
+            self._state.check_accepting()
+            with self._state.track_request():
+                stream = model.stream_infer(request_iterator, context.time_remaining())
+                async with contextlib.aclosing(stream) as responses:
+                    async for response in responses:
+                        yield response
+            return
+        # Other models answer each request with exactly one response; an error travels in the
+        # response so the stream stays open for the caller's next request.
         async for request in request_iterator:
             try:
-                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+                yield pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request, context))
             except Exception as error:  # noqa: BLE001 - reported in-band, as Triton does
                 _, message = status_for(error)
-                yield pb.ModelStreamInferResponse(error_message=message)
+                yield pb.ModelStreamInferResponse(
+                    error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
+                )
+
+
+class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
+    def __init__(self, state: WorkerState):
+        self._state = state
+
+    async def Generate(self, request, context):
+        bind_request(request.id, request.model_name, request.model_version)
+        model = check_model(self._state, request.model_name, request.model_version, GenerationModel)
+        self._state.check_accepting()
+        overrides = _sampling_overrides(request.sampling)
+        if request.WhichOneof("input") == "messages":
+            messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+            job = model.job_from_messages(messages, overrides, request.priority)
+        else:
+            job = model.job_from_prompt(request.prompt, overrides, request.priority)
+        with self._state.track_request():
+            async with contextlib.aclosing(model.generate(job, context.time_remaining())) as outputs:
+                async for output in outputs:
+                    yield _generate_response(request.id, output)
+
+
+def _sampling_overrides(sampling: generation_pb2.SamplingParameters) -> dict:
+    overrides = {
+        field.name: value
+        for field, value in sampling.ListFields()
+        if field.name not in ("stop", "stop_token_ids")
+    }
+    if sampling.stop:
+        overrides["stop"] = list(sampling.stop)
+    if sampling.stop_token_ids:
+        overrides["stop_token_ids"] = list(sampling.stop_token_ids)
+    return overrides
+
+
+def _generate_response(request_id: str, output) -> generation_pb2.GenerateResponse:
+    response = generation_pb2.GenerateResponse(
+        id=request_id,
+        token_ids=output.new_token_ids,
+        text=output.text_delta,
+        finish_reason=output.finish_reason or "",
+    )
+    if output.finished:
+        response.usage.CopyFrom(
+            generation_pb2.Usage(
+                prompt_tokens=output.usage.num_prompt_tokens,
+                completion_tokens=output.usage.num_completion_tokens,
+                cached_prompt_tokens=output.usage.num_cached_tokens,
+            )
+        )
+    for token_logprobs in output.logprobs or ():
+        response.logprobs.add(token_id=token_logprobs.token_id, logprob=token_logprobs.logprob)
+    return response
 
 
 class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
@@ -114,7 +169,7 @@ class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
 
     async def Embed(self, request, context):
         bind_request(request.id, request.model_name, request.model_version)
-        model = check_model(self._state, request.model_name, request.model_version)
+        model = check_model(self._state, request.model_name, request.model_version, EmbeddingModel)
         self._state.check_accepting()
         job = model.job_from_texts(list(request.texts))
         with self._state.track_request():

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from protos.tensoryard.v1 import worker_pb2
 from services.common.errors import Unavailable
-from services.worker.embedding_model import EmbeddingModel
 
 
 class Phase(enum.StrEnum):
@@ -22,7 +21,8 @@ class Phase(enum.StrEnum):
 class WorkerState:
     worker_id: str
     model_name: str
-    model: EmbeddingModel | None = None
+    # The served model (EmbeddingModel or GenerationModel); None while loading.
+    model: object | None = None
     phase: Phase = Phase.LOADING
     num_in_flight: int = 0
     num_requests_ok: int = 0
@@ -59,8 +59,9 @@ class WorkerState:
             model_name=self.model_name,
             model_version=model.version if model else "",
             state=self.phase.value,
-            queue_depth=model.batcher.queue_depth if model else 0,
+            queue_depth=model.queue_depth if model else 0,
             num_in_flight=self.num_in_flight,
             num_requests_ok=self.num_requests_ok,
             num_requests_failed=self.num_requests_failed,
+            **(model.load_fields() if model else {}),
         )

@@ -58,9 +58,12 @@ def test_health_is_not_serving_while_warming_up_then_serving(registry, tmp_path)
         seen = []  # (status, listed in discovery) in the order observed
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and worker.poll() is None:
+            # Discovery first, health second: a worker listed before it reports SERVING would be
+            # caught; the other order would race with the registration that follows SERVING.
+            listed = address in listed_workers(registry_address, MODEL)
             status = health_status(address, timeout_s=0.5)
             if status is not None:
-                seen.append((status, address in listed_workers(registry_address, MODEL)))
+                seen.append((status, listed))
                 if status == SERVING:
                     break
             time.sleep(0.02)
@@ -114,7 +117,7 @@ def test_sigint_stops_up_and_every_child(tmp_path):
                    "tensoryard up to be ready", interval_s=0.2)
         assert up.poll() is None, output.read_text()
         children = _children_of(up.pid)
-        assert len(children) == 3  # registry, router, one worker
+        assert len(children) == 4  # registry, router, a worker per demo model
     finally:
         exit_code = stop(up, timeout_s=60)
     assert exit_code == 0, output.read_text()

@@ -132,10 +132,15 @@ class EngineLoop:
         params: SamplingParams,
         priority: int = 0,
         deadline_s: float | None = None,
+        stream=None,
     ) -> queue.Queue:
         """A queue that receives the request's RequestOutputs, the last one finished; or, instead of
-        that last one, a TensoryardError (bad request, engine stopped)."""
-        stream: queue.Queue = queue.Queue()
+        that last one, a TensoryardError (bad request, engine stopped).
+
+        `stream` may be any object with `put(item)` (an asyncio bridge, say); it is called on the
+        dispatcher thread.
+        """
+        stream = stream if stream is not None else queue.Queue()
         with self._lock:
             if self._stopped is not None:
                 raise self._stopped

@@ -7,6 +7,7 @@ Anything the model code cannot honour is refused here with InvalidArgument namin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -88,7 +89,16 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise InvalidArgument(f"model directory {model_dir} has no config.json")
-        return cls.from_dict(json.loads(path.read_text()))
+        config = cls.from_dict(json.loads(path.read_text()))
+        # generation_config.json may name more end-of-sequence tokens (chat models often end a
+        # turn with one that config.json does not list): generation stops at any of them.
+        generation_path = Path(model_dir) / "generation_config.json"
+        if generation_path.is_file():
+            eos = json.loads(generation_path.read_text()).get("eos_token_id")
+            extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+            merged = tuple(dict.fromkeys([*config.eos_token_ids, *(int(e) for e in extra)]))
+            config = dataclasses.replace(config, eos_token_ids=merged)
+        return config
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":

@@ -1,0 +1,1 @@
+"""Benchmarks: each `bench_<thing>.py` prints a table and writes JSON to `bench/results/`."""

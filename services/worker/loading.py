@@ -1,0 +1,126 @@
+"""Building the served model from a fetched version: an embedding encoder or an LLM engine.
+
+The version's config (set at registration) gives serving parameters; the worker's own flags
+override them; anything left unset takes the defaults here.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer
+
+from services.common.config import WorkerConfig
+from services.common.errors import FailedPrecondition
+from services.worker.batcher import BatcherConfig
+from services.worker.chat_template import ChatTemplate
+from services.worker.embedding_model import EmbeddingModel
+from services.worker.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from services.worker.engine.engine import LLMEngine
+from services.worker.engine.loop import EngineLoop
+from services.worker.engine.sampler import SamplingParams
+from services.worker.generation_model import GenerationModel, sampling_defaults_from
+from services.worker.model_files import FetchedVersion
+from services.worker.models.sentence_encoder import SentenceEncoder
+
+# Embedding model defaults.
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_QUEUE_DELAY_US = 1_000
+DEFAULT_MAX_QUEUE_SIZE = 1_024
+
+
+def batcher_config_for(version_config: dict, config: WorkerConfig) -> BatcherConfig:
+    max_batch_size = config.max_batch_size or int(version_config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
+    preferred = tuple(
+        int(s) for s in version_config.get("preferred_batch_sizes", ()) if int(s) <= max_batch_size
+    )
+    delay_us = (
+        config.max_queue_delay_us
+        if config.max_queue_delay_us >= 0
+        else int(version_config.get("max_queue_delay_us", DEFAULT_MAX_QUEUE_DELAY_US))
+    )
+    return BatcherConfig(
+        max_batch_size=max_batch_size,
+        preferred_batch_sizes=preferred,
+        max_queue_delay_us=delay_us,
+        max_queue_size=config.max_queue_size or int(version_config.get("max_queue_size", DEFAULT_MAX_QUEUE_SIZE)),
+    )
+
+
+def engine_config_for(fetched: FetchedVersion, config: WorkerConfig) -> EngineConfig:
+    version_config = fetched.config
+
+    def pick(flag_value, key: str, default):
+        return flag_value or version_config.get(key) or default
+
+    cache = CacheConfig(kv_cache_memory_bytes=int(pick(config.kv_cache_bytes, "kv_cache_bytes", 512 * 2**20)))
+    scheduler_defaults = SchedulerConfig()
+    scheduler = SchedulerConfig(
+        max_num_seqs=int(pick(config.max_num_seqs, "max_num_seqs", scheduler_defaults.max_num_seqs)),
+        max_num_batched_tokens=int(
+            pick(config.max_num_batched_tokens, "max_num_batched_tokens", scheduler_defaults.max_num_batched_tokens)
+        ),
+        max_num_waiting=int(pick(config.max_queue_size, "max_queue_size", scheduler_defaults.max_num_waiting)),
+    )
+    max_model_len = pick(config.max_model_len, "max_model_len", None)
+    return EngineConfig(
+        model_dir=str(fetched.folder),
+        dtype=pick(config.dtype, "dtype", "auto"),
+        device=config.device,
+        max_model_len=int(max_model_len) if max_model_len else None,
+        cache=cache,
+        scheduler=scheduler,
+    )
+
+
+def load_model(fetched: FetchedVersion, config: WorkerConfig):
+    if config.num_threads > 0:
+        torch.set_num_threads(config.num_threads)
+    if fetched.task == "embedding":
+        encoder = SentenceEncoder.from_folder(fetched.folder, device=config.device)
+        return EmbeddingModel(
+            fetched.model_name, str(fetched.version), encoder, batcher_config_for(fetched.config, config)
+        )
+    if fetched.task == "generation":
+        return _load_generation_model(fetched, config)
+    raise FailedPrecondition(
+        f"model '{fetched.model_name}' has task {fetched.task!r}; workers serve embedding and generation models"
+    )
+
+
+def _load_generation_model(fetched: FetchedVersion, config: WorkerConfig) -> GenerationModel:
+    tokenizer = Tokenizer.from_file(str(fetched.folder / "tokenizer.json"))
+    engine_config = engine_config_for(fetched, config)
+    engines: list[LLMEngine] = []
+
+    def build() -> LLMEngine:
+        engines.append(LLMEngine(engine_config, tokenizer))
+        return engines[0]
+
+    loop = EngineLoop(build)
+    loop.start()
+    return GenerationModel(
+        fetched.model_name,
+        str(fetched.version),
+        loop,
+        tokenizer,
+        ChatTemplate.from_folder(fetched.folder),
+        sampling_defaults_from(fetched.folder),
+        engines[0].max_model_len,
+        device=config.device,
+    )
+
+
+def warm_up(model, num_batches: int) -> None:
+    if isinstance(model, EmbeddingModel):
+        model.warm_up(num_batches)
+        return
+    # A short and a longer prompt through the whole engine path: allocations, first-call costs.
+    for index in range(num_batches):
+        for prompt_tokens in (4, 64):
+            outputs = model.loop.submit(
+                f"warm-up-{index}-{prompt_tokens}", [1] * prompt_tokens, SamplingParams(max_tokens=2, temperature=0)
+            )
+            while not getattr(item := outputs.get(timeout=120), "finished", True):
+                pass
+            if isinstance(item, Exception):
+                raise item
