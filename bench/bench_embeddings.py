@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             del model
 
     log.print("starting tensoryard up ...")
-    with running_stack(args.worker_threads, server_cpus) as stack:
+    with running_stack(args.worker_threads, server_cpus, with_llm=False) as stack:
         targets = {"router": stack.router, "direct": worker_address(stack.registry, MODEL)}
         log.print(f"ready: router {targets['router']}, worker {targets['direct']}")
         with cpu_affinity(client_cpus):

@@ -26,6 +26,9 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     num_errors: int = 0
     first_error: str = ""
+    # The measured window on time.perf_counter()'s clock, for callers that time events of their own.
+    window_start_s: float = 0.0
+    window_end_s: float = 0.0
 
     @property
     def num_requests(self) -> int:
@@ -60,6 +63,7 @@ async def closed_loop(send: Send, concurrency: int, duration_s: float, warmup_s:
     start = time.perf_counter()
     measure_from = start + warmup_s
     stop_at = measure_from + duration_s
+    result.window_start_s, result.window_end_s = measure_from, stop_at
 
     async def client_task(task_index: int) -> None:
         i = task_index

@@ -50,15 +50,22 @@ def free_ports(count: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def running_stack(worker_threads: int, server_cpus: set[int] | None):
-    """`tensoryard up` in a temporary home; SIGINT on the way out, whatever happens."""
-    home = Path(tempfile.mkdtemp(prefix="tensoryard-bench-"))
+def running_stack(worker_threads: int, server_cpus: set[int] | None, with_llm: bool = True,
+                  home: Path | None = None):
+    """`tensoryard up` in a temporary home; SIGINT on the way out, whatever happens.
+
+    `with_llm=False` serves the embedding demo only. A `home` given by the caller stays the caller's
+    (kept afterwards); it may already hold `imports/`, which `up` then reuses instead of converting
+    the GGUF again.
+    """
+    owns_home = home is None
+    home = Path(tempfile.mkdtemp(prefix="tensoryard-bench-")) if owns_home else home
     ports = free_ports(4)
     output_path = home / "up.out"
     command = [sys.executable, "-m", "services.cli", "up", "--home", str(home),
                "--router-port", str(ports[0]), "--registry-port", str(ports[1]),
                "--router-metrics-port", str(ports[2]), "--registry-metrics-port", str(ports[3]),
-               "--worker-threads", str(worker_threads)]
+               "--worker-threads", str(worker_threads), *([] if with_llm else ["--no-llm"])]
     with open(output_path, "ab") as output, cpu_affinity(server_cpus):
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
@@ -69,9 +76,9 @@ def running_stack(worker_threads: int, server_cpus: set[int] | None):
         ok = True
     finally:
         ok = _stop(process) and ok
-        if ok:
+        if ok and owns_home:
             shutil.rmtree(home, ignore_errors=True)
-        else:
+        elif not ok:
             log.print(f"[yellow]stack output and logs kept in {home}[/yellow]")
 
 
