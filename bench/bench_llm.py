@@ -1,0 +1,488 @@
+"""LLM generation end to end: tensoryard (router and worker) against transformers and our own engine.
+
+    .venv/bin/python -m bench.bench_llm [--duration-s 30] [--warmup-s 5] [--concurrency 1,8,32]
+        [--rates auto|2,4,8] [--open-loop-s S] [--max-tokens 64] [--worker-threads N] [--pin]
+        [--skip-transformers] [--skip-engine-only] [--seed 0]
+
+One run, on SmolLM2-135M-Instruct, chat prompts of mixed lengths (about 30 to 300 tokens with the
+chat template, fixed seed) and exactly --max-tokens output tokens per request (greedy, ignore_eos,
+so every system produces the same count):
+
+- in-process first, before the stack starts: Hugging Face `generate` on the imported folder, one
+  request at a time and static batches of each --concurrency value above 1 (left padding); and the
+  "engine only" point, an in-process LLMEngine (the worker's own config) stepping the first
+  max(--concurrency) prompts, added at once, with no gRPC;
+- closed loop (bench/loadgen.py) at each --concurrency, over grpc.aio streaming Generate, through
+  the router and straight to the worker (found through discovery), alternating at each point;
+- open loop through the router: Poisson arrivals at each --rate for --open-loop-s ("auto": a
+  quarter, a half and three quarters of the router's best closed-loop throughput);
+- static batching under the same arrival times, simulated from the measured `generate` times
+  (bench/llm_reference.py), for TTFT p99 next to tensoryard's measured one.
+
+During every serving point the worker's GetStats is polled for peak KV-cache use. Each request
+takes the next prompt of one list for the whole run, so no prompt repeats within a few hundred
+requests and prefix-cache hits stay those of the shared system prompt (reported per point).
+Metrics (bench/llm_load.py): output tokens/s, TTFT, inter-token latency, request latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+from rich.console import Console
+from rich.table import Table
+
+from bench.bench_embeddings import short_texts
+from bench.llm_load import (closed_loop_point, open_loop_point, peak_stats, poisson_arrivals_s, polling_worker_stats,
+                            summarize, traced_generate)
+from bench.llm_reference import (measure_engine_only, measure_transformers, set_torch_threads,
+                                 simulate_static_batching)
+from bench.machine import cpu_affinity, machine_info, split_cpus
+from bench.stack import running_stack, worker_address
+
+MODEL = "SmolLM2-135M-Instruct"
+MIN_PROMPT_TOKENS, MAX_PROMPT_TOKENS = 32, 300  # with the chat template (its system prompt is ~30)
+NUM_PROMPTS = 512
+AUTO_RATE_FRACTIONS = (0.25, 0.5, 0.75)
+TARGET_ROUTER_OVER_STATIC = 3.0
+STATS_POLL_INTERVAL_S = 0.1
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+log = Console(stderr=True)
+
+INSTRUCTIONS = (
+    "Summarize these notes in one paragraph.",
+    "Write a short headline for each of these notes.",
+    "Which of these events sounds most surprising, and why?",
+    "Turn these notes into a polite email to the team.",
+    "List every person or group mentioned in these notes.",
+    "Rewrite these notes as a short story for children.",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    content: str  # the user message
+    token_ids: list[int]  # as the worker tokenizes it: chat template, then no special tokens added
+
+
+def make_prompts(folder: Path, num_prompts: int, seed: int) -> list[Prompt]:
+    """User messages of an instruction and notes, grown to a length drawn uniformly per prompt."""
+    from tokenizers import Tokenizer
+
+    from services.worker.chat_template import ChatTemplate
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    template = ChatTemplate.from_folder(folder)
+
+    def tokenize(content: str) -> list[int]:
+        text = template.render([{"role": "user", "content": content}])
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(num_prompts):
+        target = rng.randint(MIN_PROMPT_TOKENS, MAX_PROMPT_TOKENS)
+        instruction = rng.choice(INSTRUCTIONS)
+        overhead = len(tokenize(instruction + "\n\n"))
+        notes: list[str] = []
+        # Count the notes alone (fast), render the whole message once at the end.
+        while overhead + len(tokenizer.encode(" ".join(notes), add_special_tokens=False).ids) < target:
+            notes += short_texts(rng, 1)
+        content = f"{instruction}\n\n{' '.join(notes)}".strip()
+        prompts.append(Prompt(content, tokenize(content)))
+    return prompts
+
+
+def prompt_stats(prompts: list[Prompt]) -> dict:
+    lengths = [len(p.token_ids) for p in prompts]
+    return {"num_prompts": len(prompts), "mean_tokens": sum(lengths) / len(lengths), "min_tokens": min(lengths),
+            "max_tokens": max(lengths), "example": prompts[0].content}
+
+
+# ------------------------------------------------------------------------------------------- serving
+
+class RequestSource:
+    """The next prompt's request, cycling through one list for the whole run."""
+
+    def __init__(self, prompts: list[Prompt], max_tokens: int):
+        from protos.tensoryard.v1 import generation_pb2 as g
+
+        sampling = g.SamplingParameters(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        self.requests = [  # built once: the client loop stays light
+            g.GenerateRequest(model_name=MODEL, sampling=sampling, messages=g.ChatMessages(
+                messages=[g.ChatMessage(role="user", content=p.content)]))
+            for p in prompts
+        ]
+        self.num_sent = 0
+
+    def __call__(self):
+        request = self.requests[self.num_sent % len(self.requests)]
+        self.num_sent += 1
+        return request
+
+
+async def measure_serving(targets: dict[str, str], prompts: list[Prompt], args: argparse.Namespace,
+                          reference_tokens: list[int] | None) -> dict:
+    from protos.tensoryard.v1 import generation_pb2_grpc
+
+    channels = {target: grpc.aio.insecure_channel(address) for target, address in targets.items()}
+    stubs = {target: generation_pb2_grpc.TextGenerationStub(channel) for target, channel in channels.items()}
+    source = RequestSource(prompts, args.max_tokens)
+    results: dict = {"closed_loop": [], "open_loop": [], "arrivals_s": {}}
+    try:
+        check_traces: list = []
+        await traced_generate(stubs["router"], source(), check_traces)  # prompt 0, also a warm-up
+        results["check"] = _check(check_traces[0], prompts[0], args.max_tokens, reference_tokens)
+        for concurrency in args.concurrency:
+            for target in ("router", "direct"):
+                async with polling_worker_stats(channels["direct"], STATS_POLL_INTERVAL_S) as samples:
+                    traces, start_s, end_s = await closed_loop_point(
+                        stubs[target], source, concurrency, args.duration_s, args.warmup_s)
+                point = {"target": target, "concurrency": concurrency,
+                         **summarize(traces, start_s, end_s, args.max_tokens),
+                         **peak_stats(samples, start_s, end_s), "load_avg_1m_after": os.getloadavg()[0]}
+                results["closed_loop"].append(point)
+                _log_point(point, f"c={concurrency:<3}")
+        results["rates"] = resolve_rates(args.rates, results["closed_loop"], args.max_tokens)
+        for index, rate in enumerate(results["rates"]):
+            arrivals_s = poisson_arrivals_s(rate, args.open_loop_s, args.seed + 1000 + index)
+            async with polling_worker_stats(channels["direct"], STATS_POLL_INTERVAL_S) as samples:
+                traces, start_s, end_s = await open_loop_point(
+                    stubs["router"], source, arrivals_s, args.open_loop_s, args.drain_timeout_s)
+            point = {"target": "router", "rate_per_s": rate, "num_arrivals": len(arrivals_s),
+                     **summarize(traces, start_s, end_s, args.max_tokens, latency_over_all=True),
+                     **peak_stats(samples, start_s, end_s), "load_avg_1m_after": os.getloadavg()[0]}
+            results["open_loop"].append(point)
+            results["arrivals_s"][rate] = arrivals_s
+            _log_point(point, f"{rate:g}/s")
+    finally:
+        for channel in channels.values():
+            await channel.close()
+    return results
+
+
+def resolve_rates(rates: list[float] | None, closed_points: list[dict], max_tokens: int) -> list[float]:
+    """The given rates, or fractions of the router's best closed-loop request rate."""
+    if rates:
+        return rates
+    best_per_s = max((p["output_tokens_per_s"] / max_tokens for p in closed_points if p["target"] == "router"),
+                     default=0.0)
+    if best_per_s <= 0:
+        raise RuntimeError("--rates auto: the router's closed-loop points produced no tokens")
+    return [round(best_per_s * fraction, 3) for fraction in AUTO_RATE_FRACTIONS]
+
+
+def _check(trace, prompt: Prompt, max_tokens: int, reference_tokens: list[int] | None) -> dict:
+    """Prompt tokenization and output count always; greedy tokens against transformers when it ran."""
+    check = {
+        "prompt_tokens_served": trace.num_prompt_tokens,
+        "prompt_tokens_expected": len(prompt.token_ids),
+        "output_tokens": len(trace.token_ids),
+        "output_tokens_expected": max_tokens,
+    }
+    if reference_tokens is not None:
+        matching = next((i for i, (a, b) in enumerate(zip(trace.token_ids, reference_tokens)) if a != b),
+                        min(len(trace.token_ids), len(reference_tokens)))
+        check["greedy_tokens_matching_transformers"] = matching
+    check["ok"] = (check["prompt_tokens_served"] == check["prompt_tokens_expected"]
+                   and check["output_tokens"] == max_tokens)
+    if not check["ok"]:
+        log.print(f"[red]check failed: {check}[/red]")
+    return check
+
+
+def _log_point(point: dict, label: str) -> None:
+    errors = f", [red]{point['num_errors']} errors: {point['first_error']}[/red]" if point["num_errors"] else ""
+    log.print(f"  {point['target']:>6} {label} {point['output_tokens_per_s']:7.1f} tok/s  "
+              f"TTFT p50 {_ms(point['ttft_p50_ms'])} p99 {_ms(point['ttft_p99_ms'])} ms  "
+              f"ITL p50 {_ms(point['itl_p50_ms'])} ms  peak KV {_pct(point['peak_kv_use'])}{errors}")
+
+
+# ------------------------------------------------------------------------------------------- report
+
+def simulate(transformers: dict[int, dict], serving: dict) -> list[dict]:
+    """Static batching at each measured batch size, on each open-loop point's own arrival times."""
+    rows = []
+    for point in serving["open_loop"]:
+        arrivals_s = serving["arrivals_s"][point["rate_per_s"]]
+        for batch_size in sorted(transformers):
+            rows.append({"rate_per_s": point["rate_per_s"], "tensoryard_ttft_p99_ms": point["ttft_p99_ms"],
+                         **simulate_static_batching(arrivals_s, batch_size, transformers)})
+    return rows
+
+
+def compare(serving: dict, transformers: dict[int, dict], engine_only: dict | None, simulated: list[dict],
+            concurrencies: list[int]) -> dict:
+    points = {(p["target"], p["concurrency"]): p for p in serving["closed_loop"]}
+    top = max(concurrencies)
+    by_concurrency = []
+    for concurrency in concurrencies:
+        router, direct = points[("router", concurrency)], points[("direct", concurrency)]
+        static = transformers.get(concurrency)
+        by_concurrency.append({
+            "concurrency": concurrency,
+            "router_over_direct_tokens_per_s": _ratio(router["output_tokens_per_s"], direct["output_tokens_per_s"]),
+            "router_over_transformers_static_tokens_per_s": _ratio(
+                router["output_tokens_per_s"], static and static["output_tokens_per_s"]),
+        })
+    ttft = [{"rate_per_s": row["rate_per_s"], "static_batch_size": row["batch_size"],
+             "static_over_tensoryard_ttft_p99": _ratio(row["ttft_p99_ms"], row["tensoryard_ttft_p99_ms"])}
+            for row in simulated]
+    router_over_static_top = by_concurrency[-1]["router_over_transformers_static_tokens_per_s"]
+    return {
+        "by_concurrency": by_concurrency,
+        "top_concurrency": top,
+        "router_over_transformers_static_top": router_over_static_top,
+        "target_router_over_static": TARGET_ROUTER_OVER_STATIC,
+        "meets_target": None if router_over_static_top is None else router_over_static_top >= TARGET_ROUTER_OVER_STATIC,
+        "direct_over_engine_only_top": _ratio(points[("direct", top)]["output_tokens_per_s"],
+                                              engine_only and engine_only["output_tokens_per_s"]),
+        "ttft_p99_static_over_tensoryard": ttft,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _table(title: str, headers: tuple[str, ...], rows: list[tuple]) -> Table:
+    table = Table(title=title)
+    for index, header in enumerate(headers):
+        table.add_column(header, justify="left" if index == 0 else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def print_tables(report: dict) -> None:
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    options, serving = report["options"], report["serving"]
+    latency_headers = ("TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "lat p50")
+
+    def latencies(p: dict) -> tuple[str, ...]:
+        return tuple(_ms(p[k]) for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "latency_p50_ms"))
+
+    console.print(_table(
+        f"{MODEL}, closed loop, {options['max_tokens']} output tokens, {options['duration_s']:g}s per point (ms)",
+        ("target", "conc", "out tok/s", "req/s", *latency_headers, "peak KV", "cached", "errors"),
+        [(p["target"], str(p["concurrency"]), f"{p['output_tokens_per_s']:.1f}", f"{p['requests_per_s']:.2f}",
+          *latencies(p), _pct(p["peak_kv_use"]), _pct(p["prefix_cached_fraction"]),
+          str(p["num_errors"] + p["num_wrong_length"])) for p in serving["closed_loop"]],
+    ))
+    console.print(_table(
+        f"Open loop through the router, Poisson arrivals, {options['open_loop_s']:g}s per rate (ms; latencies over "
+        f"all requests sent)",
+        ("rate/s", "sent", "req/s", "out tok/s", *latency_headers, "peak KV", "peak wait", "unfinished", "errors"),
+        [(f"{p['rate_per_s']:g}", str(p["num_requests_sent"]), f"{p['requests_per_s']:.2f}",
+          f"{p['output_tokens_per_s']:.1f}", *latencies(p), _pct(p["peak_kv_use"]), str(p["peak_num_waiting"]),
+          str(p["num_cancelled"]), str(p["num_errors"] + p["num_wrong_length"])) for p in serving["open_loop"]],
+    ))
+    inprocess_rows = [
+        (f"transformers {'1 at a time' if b == 1 else f'static {b}'}", str(r["num_requests"]),
+         f"{r['output_tokens_per_s']:.1f}", _ms(r["mean_first_token_ms"]), _ms(r["mean_batch_ms"]),
+         _ms(r["itl_p50_ms"]), _ms(r["itl_p99_ms"]))
+        for b, r in report["transformers"].items()
+    ]
+    if engine := report["engine_only"]:
+        inprocess_rows.append(
+            (f"engine only ({engine['num_requests']} at once)", str(engine["num_requests"]),
+             f"{engine['output_tokens_per_s']:.1f}", _ms(engine["all_first_tokens_ms"]), _ms(engine["elapsed_s"] * 1e3),
+             _ms(engine["decode_step_p50_ms"]), "-"))
+    if inprocess_rows:
+        console.print(_table(
+            f"In-process, torch threads {report['torch_num_threads']} (ms; first token: mean per batch, for the engine "
+            f"the last request's; ITL for the engine: decode step p50)",
+            ("system", "requests", "out tok/s", "first token", "batch", "ITL p50", "ITL p99"), inprocess_rows))
+    if report["static_batching_simulated"]:
+        console.print(_table(
+            "Static batching under the open-loop arrivals, SIMULATED from the measured generate() times (ms)",
+            ("rate/s", "batch", "TTFT p50", "TTFT p99", "lat p50", "lat p99", "tensoryard TTFT p99", "overloaded"),
+            [(f"{r['rate_per_s']:g}", str(r["batch_size"]), _ms(r["ttft_p50_ms"]), _ms(r["ttft_p99_ms"]),
+              _ms(r["latency_p50_ms"]), _ms(r["latency_p99_ms"]), _ms(r["tensoryard_ttft_p99_ms"]),
+              "yes" if r["overloaded"] else "no") for r in report["static_batching_simulated"]],
+        ))
+    comparisons = report["comparisons"]
+    rows = [(f"router / direct tok/s, c={c['concurrency']}", _x(c["router_over_direct_tokens_per_s"]))
+            for c in comparisons["by_concurrency"]]
+    rows += [(f"router / transformers static tok/s, c={c['concurrency']}",
+              _x(c["router_over_transformers_static_tokens_per_s"]))
+             for c in comparisons["by_concurrency"] if c["concurrency"] > 1]
+    meets = {None: "-", True: "meets", False: "BELOW"}[comparisons["meets_target"]]
+    rows.append((f"target: router c={comparisons['top_concurrency']} / static-{comparisons['top_concurrency']} "
+                 f">= {TARGET_ROUTER_OVER_STATIC:g}x", meets))
+    rows.append((f"direct / engine only tok/s, c={comparisons['top_concurrency']}",
+                 _x(comparisons["direct_over_engine_only_top"])))
+    rows += [(f"TTFT p99 static-{t['static_batch_size']} (simulated) / tensoryard, {t['rate_per_s']:g}/s",
+              _x(t["static_over_tensoryard_ttft_p99"])) for t in comparisons["ttft_p99_static_over_tensoryard"]]
+    console.print(_table("Ratios", ("", "value"), rows))
+
+
+def write_json(report: dict, created: datetime) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"llm-{created.strftime('%Y%m%dT%H%M%SZ')}.json"
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def _numbers(text: str, kind) -> list:
+    return [kind(part) for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration-s", type=float, default=30.0, help="measured seconds per closed-loop point")
+    parser.add_argument("--warmup-s", type=float, default=5.0, help="unmeasured seconds before each closed-loop point")
+    parser.add_argument("--concurrency", default="1,8,32",
+                        help="closed-loop clients per point, and the static batch sizes, comma-separated")
+    parser.add_argument("--rates", default="auto",
+                        help="open-loop Poisson rates in requests/s, comma-separated; 'auto': "
+                             f"{', '.join(f'{f:g}' for f in AUTO_RATE_FRACTIONS)} x the router's best closed-loop rate")
+    parser.add_argument("--open-loop-s", type=float, help="seconds of arrivals per rate (default: --duration-s)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
+    parser.add_argument("--worker-threads", type=int, default=0,
+                        help="torch threads in the worker and the in-process runs (0: torch's default)")
+    parser.add_argument("--pin", action="store_true",
+                        help="servers and in-process runs on some cores, this client on the others")
+    parser.add_argument("--skip-transformers", action="store_true", help="skip the transformers reference")
+    parser.add_argument("--skip-engine-only", action="store_true", help="skip the in-process engine point")
+    parser.add_argument("--seed", type=int, default=0, help="prompts and arrival times")
+    args = parser.parse_args(argv)
+    args.concurrency = sorted(set(_numbers(args.concurrency, int)))
+    args.rates = None if args.rates.strip() == "auto" else _numbers(args.rates, float)
+    args.open_loop_s = args.open_loop_s or args.duration_s
+    # Overloaded rates leave a queue: wait this long for it after the arrivals stop, then cancel.
+    args.drain_timeout_s = max(30.0, args.open_loop_s)
+    if not args.concurrency or min(args.concurrency) < 1:
+        parser.error("--concurrency: positive integers")
+    if args.rates is not None and (not args.rates or min(args.rates) <= 0):
+        parser.error("--rates: positive numbers, or auto")
+    if args.max_tokens < 1 or args.duration_s <= 0 or args.open_loop_s <= 0:
+        parser.error("--max-tokens, --duration-s and --open-loop-s must be positive")
+    return args
+
+
+def run_inprocess(folder: Path, demo_config: dict, prompts: list[Prompt], args: argparse.Namespace) -> tuple:
+    """transformers at each batch size, then the engine alone; both on the first max(concurrency) prompts."""
+    from services.common.config import WorkerConfig
+    from services.worker.loading import engine_config_for
+    from services.worker.model_files import FetchedVersion
+
+    batch_prompts = [p.token_ids for p in prompts[:max(args.concurrency)]]
+    transformers, engine_only = {}, None
+    if not args.skip_transformers:
+        from bench.llm_reference import load_transformers
+
+        log.print(f"transformers generate: batch sizes {args.concurrency}, {len(batch_prompts)} prompts")
+        model = load_transformers(folder)
+        pad_token_id = model.generation_config.pad_token_id
+        pad_token_id = model.config.eos_token_id if pad_token_id is None else pad_token_id
+        transformers = measure_transformers(model, batch_prompts, args.concurrency, args.max_tokens,
+                                            int(pad_token_id), args.duration_s, log=log.print)
+        del model
+        gc.collect()
+    if not args.skip_engine_only:
+        log.print(f"engine only: {len(batch_prompts)} requests at once, in process")
+        # The worker's own engine config: the demo's registered config, no overrides but threads.
+        fetched = FetchedVersion(MODEL, 1, "generation", demo_config, folder)
+        engine_config = engine_config_for(fetched, WorkerConfig(model_name=MODEL, num_threads=args.worker_threads))
+        engine_only = measure_engine_only(engine_config, batch_prompts, args.max_tokens)
+        log.print(f"  engine only: {engine_only['output_tokens_per_s']:.1f} tok/s, "
+                  f"decode step p50 {_ms(engine_only['decode_step_p50_ms'])} ms")
+        gc.collect()
+    return transformers, engine_only
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the stack is stopped either way.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    created = datetime.now(timezone.utc)
+    machine = machine_info(("torch", "transformers", "tokenizers", "grpcio", "numpy"))
+    server_cpus, client_cpus = split_cpus(args.pin)
+    if args.pin and not server_cpus:
+        log.print("[yellow]--pin needs at least 2 usable cores; not pinning[/yellow]")
+
+    from services.launcher import LLM_DEMO, demo_models
+
+    # One home for the whole run: the GGUF is imported once, here, and `up` reuses the import. The
+    # import (~0.5 GB) goes in any case; the rest (the stack's logs) stays when something failed.
+    home = Path(tempfile.mkdtemp(prefix="tensoryard-bench-llm-"))
+    try:
+        demo = next(m for m in demo_models(home) if m.name == LLM_DEMO)
+        prompts = make_prompts(demo.folder, NUM_PROMPTS, args.seed)
+        log.print(f"{len(prompts)} prompts, {prompt_stats(prompts)['mean_tokens']:.0f} tokens on average")
+
+        with cpu_affinity(server_cpus):
+            torch_num_threads = set_torch_threads(args.worker_threads)
+            transformers, engine_only = run_inprocess(demo.folder, demo.config, prompts, args)
+        reference_tokens = (transformers[1]["first_request_token_ids"] if 1 in transformers
+                            else engine_only and engine_only["first_request_token_ids"])
+
+        log.print("starting tensoryard up ...")
+        with running_stack(args.worker_threads, server_cpus, home=home) as stack:
+            targets = {"router": stack.router, "direct": worker_address(stack.registry, MODEL)}
+            log.print(f"ready: router {targets['router']}, worker {targets['direct']}")
+            with cpu_affinity(client_cpus):
+                serving = asyncio.run(measure_serving(targets, prompts, args, reference_tokens))
+    finally:
+        shutil.rmtree(home / "imports", ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
+
+    simulated = simulate(transformers, serving) if transformers else []
+    report = {
+        "benchmark": "llm",
+        "model": MODEL,
+        "created_utc": created.isoformat(),
+        "machine": {**machine, "load_avg_1_5_15m_at_end": list(os.getloadavg())},
+        "options": vars(args),
+        "pinning": {"server_cpus": sorted(server_cpus or []), "client_cpus": sorted(client_cpus or [])},
+        "prompts": prompt_stats(prompts),
+        "torch_num_threads": torch_num_threads,
+        "check": serving["check"],
+        "transformers": transformers,
+        "engine_only": engine_only,
+        "serving": {k: v for k, v in serving.items() if k not in ("arrivals_s", "check")},
+        "static_batching_simulated": simulated,
+        "comparisons": compare(serving, transformers, engine_only, simulated, args.concurrency),
+    }
+    print_tables(report)
+    log.print(f"wrote {write_json(report, created)}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log.print("interrupted; the stack was stopped")
+        sys.exit(130)
