@@ -47,7 +47,7 @@ class Ops:
 
 def torch_ops() -> Ops:
     from kernels.activation import silu_and_mul_ref
-    from kernels.attention_ref import paged_attention_ref
+    from kernels.attention_torch import paged_attention_torch
     from kernels.kv_write import write_kv_ref
     from kernels.rmsnorm import rmsnorm_ref
     from kernels.rope import rope_ref
@@ -58,7 +58,7 @@ def torch_ops() -> Ops:
         rope=rope_ref,
         silu_and_mul=silu_and_mul_ref,
         write_kv=write_kv_ref,
-        paged_attention=paged_attention_ref,
+        paged_attention=paged_attention_torch,
     )
 
 
