@@ -116,8 +116,16 @@ def _observe(labels, code, context, started: float) -> None:
         code = context.code() or grpc.StatusCode.OK
         if isinstance(code, int):
             code = grpc.StatusCode.UNKNOWN
+    duration_s = time.perf_counter() - started
     GRPC_REQUESTS.labels(*labels, code.name).inc()
-    GRPC_LATENCY.labels(*labels).observe(time.perf_counter() - started)
+    GRPC_LATENCY.labels(*labels).observe(duration_s)
+    # One line per request; request_id / model / version come from the handler's bound context.
+    # Successes log at debug (a busy server answers thousands a second), failures at info.
+    if code is grpc.StatusCode.OK:
+        log.debug("request_done", method=labels[1], code=code.name, duration_ms=round(duration_s * 1000, 3))
+    else:
+        log.info("request_done", method=labels[1], code=code.name, duration_ms=round(duration_s * 1000, 3),
+                 details=context.details())
 
 
 class GrpcHost:
@@ -180,6 +188,19 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def request_id_from(request_id: str, context: grpc.aio.ServicerContext | None) -> str:
+    """The request's own id, else the one the router (or an upstream proxy) put in metadata."""
+    if request_id or context is None:
+        return request_id
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER:
+            return value if isinstance(value, str) else value.decode()
+    return ""
 
 
 def bind_request(request_id: str, model: str = "", version: str = "", **extra: Any) -> None:

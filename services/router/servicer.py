@@ -9,6 +9,7 @@ calls (live, ready, metadata, repository index, statistics) are answered here.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 
 import grpc
@@ -16,7 +17,7 @@ import grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.tensoryard.v1 import routing_pb2
 from services.common.errors import InvalidArgument, NotFound, Unavailable
-from services.common.grpc_server import bind_request
+from services.common.grpc_server import REQUEST_ID_HEADER, bind_request
 from services.common.telemetry import get_logger
 from services.router import statistics
 from services.router.catalog import ModelCatalog
@@ -33,12 +34,19 @@ SERVER_EXTENSIONS = ["model_configuration", "statistics", "model_repository", "b
 _HOP_BY_HOP = {"user-agent", "content-type", "te", "host", "content-length", "accept-encoding"}
 
 
-def _forwardable(metadata) -> tuple[tuple[str, str | bytes], ...]:
-    return tuple(
+def _forwardable(metadata, request_id: str) -> tuple[tuple[str, str | bytes], ...]:
+    """The caller's metadata for the worker, plus the request id the logs on both sides share."""
+    forwarded = tuple(
         (key, value)
         for key, value in (metadata or ())
-        if not key.startswith((":", "grpc-")) and key not in _HOP_BY_HOP
+        if not key.startswith((":", "grpc-")) and key not in _HOP_BY_HOP and key != REQUEST_ID_HEADER
     )
+    return (*forwarded, (REQUEST_ID_HEADER, request_id))
+
+
+def _request_id(header: routing_pb2.RoutingHeader) -> str:
+    """The client's id, or one made here so the router's and the worker's log lines match."""
+    return header.id or uuid.uuid4().hex[:16]
 
 
 class RoutingServicer:
@@ -63,9 +71,10 @@ class RoutingServicer:
     def forward_unary(self, method: str) -> Callable:
         async def handle(request_bytes: bytes, context: grpc.aio.ServicerContext) -> bytes:
             header = routing_pb2.RoutingHeader.FromString(request_bytes)
-            bind_request(header.id, header.model_name, header.model_version)
+            request_id = _request_id(header)
+            bind_request(request_id, header.model_name, header.model_version)
             backend = await self._choose(header)
-            metadata = _forwardable(context.invocation_metadata())
+            metadata = _forwardable(context.invocation_metadata(), request_id)
             try:
                 return await self._call(backend, method, request_bytes, context, metadata)
             except grpc.aio.AioRpcError as error:
@@ -94,12 +103,13 @@ class RoutingServicer:
     def forward_unary_stream(self, method: str) -> Callable:
         async def handle(request_bytes: bytes, context: grpc.aio.ServicerContext):
             header = routing_pb2.RoutingHeader.FromString(request_bytes)
-            bind_request(header.id, header.model_name, header.model_version)
+            request_id = _request_id(header)
+            bind_request(request_id, header.model_name, header.model_version)
             backend = await self._choose(header)
             call = backend.unary_stream(method)(
                 request_bytes,
                 timeout=context.time_remaining(),
-                metadata=_forwardable(context.invocation_metadata()),
+                metadata=_forwardable(context.invocation_metadata(), request_id),
             )
             backend.num_outstanding += 1
             try:
@@ -122,7 +132,8 @@ class RoutingServicer:
             if first is None:
                 return
             header = routing_pb2.RoutingHeader.FromString(first)
-            bind_request(header.id, header.model_name, header.model_version)
+            request_id = _request_id(header)
+            bind_request(request_id, header.model_name, header.model_version)
             backend = await self._choose(header)
 
             async def requests():
@@ -133,7 +144,7 @@ class RoutingServicer:
             call = backend.stream_stream(method)(
                 requests(),
                 timeout=context.time_remaining(),
-                metadata=_forwardable(context.invocation_metadata()),
+                metadata=_forwardable(context.invocation_metadata(), request_id),
             )
             backend.num_outstanding += 1
             try:

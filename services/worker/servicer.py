@@ -22,7 +22,7 @@ from protos.tensoryard.v1 import (
     worker_pb2_grpc,
 )
 from services.common.errors import InvalidArgument, NotFound, Unavailable, status_for
-from services.common.grpc_server import bind_request
+from services.common.grpc_server import bind_request, request_id_from
 from services.worker import model_views
 from services.worker.embedding_model import EmbeddingModel
 from services.worker.generation_model import GenerationModel
@@ -82,7 +82,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStatisticsResponse(model_stats=[model_views.model_statistics(model, model.statistics())])
 
     async def ModelInfer(self, request, context):
-        bind_request(request.id, request.model_name, request.model_version)
+        bind_request(request_id_from(request.id, context), request.model_name, request.model_version)
         model = check_model(self._state, request.model_name, request.model_version)
         self._state.check_accepting()
         with self._state.track_request():
@@ -115,7 +115,7 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
         self._state = state
 
     async def Generate(self, request, context):
-        bind_request(request.id, request.model_name, request.model_version)
+        bind_request(request_id_from(request.id, context), request.model_name, request.model_version)
         model = check_model(self._state, request.model_name, request.model_version, GenerationModel)
         self._state.check_accepting()
         overrides = _sampling_overrides(request.sampling)
@@ -168,7 +168,7 @@ class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
         self._state = state
 
     async def Embed(self, request, context):
-        bind_request(request.id, request.model_name, request.model_version)
+        bind_request(request_id_from(request.id, context), request.model_name, request.model_version)
         model = check_model(self._state, request.model_name, request.model_version, EmbeddingModel)
         self._state.check_accepting()
         job = model.job_from_texts(list(request.texts))
