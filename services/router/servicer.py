@@ -70,18 +70,14 @@ class RoutingServicer:
 
     def forward_unary(self, method: str) -> Callable:
         async def handle(request_bytes: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            header = routing_pb2.RoutingHeader.FromString(request_bytes)
-            request_id = _request_id(header)
-            bind_request(request_id, header.model_name, header.model_version)
-            backend = await self._choose(header)
-            metadata = _forwardable(context.invocation_metadata(), request_id)
+            backend, metadata = await self._route(request_bytes, context)
             try:
                 return await self._call(backend, method, request_bytes, context, metadata)
             except grpc.aio.AioRpcError as error:
                 if error.code() is grpc.StatusCode.UNAVAILABLE:
                     # The worker could not be reached (or is draining): it has not run the request,
                     # so one other replica may take it.
-                    other = self._pool.pick(header.model_name, header.model_version, exclude=backend)
+                    other = self._pool.pick(backend.model_name, backend.model_version, exclude=backend)
                     if other is not None:
                         try:
                             return await self._call(other, method, request_bytes, context, metadata)
@@ -100,28 +96,20 @@ class RoutingServicer:
         finally:
             backend.num_outstanding -= 1
 
+    async def _route(self, request_bytes: bytes, context) -> tuple[Backend, tuple]:
+        """Parse the routing header, bind it to the logs, pick a worker: (backend, metadata)."""
+        header = routing_pb2.RoutingHeader.FromString(request_bytes)
+        request_id = _request_id(header)
+        bind_request(request_id, header.model_name, header.model_version)
+        backend = await self._choose(header)
+        return backend, _forwardable(context.invocation_metadata(), request_id)
+
     def forward_unary_stream(self, method: str) -> Callable:
         async def handle(request_bytes: bytes, context: grpc.aio.ServicerContext):
-            header = routing_pb2.RoutingHeader.FromString(request_bytes)
-            request_id = _request_id(header)
-            bind_request(request_id, header.model_name, header.model_version)
-            backend = await self._choose(header)
-            call = backend.unary_stream(method)(
-                request_bytes,
-                timeout=context.time_remaining(),
-                metadata=_forwardable(context.invocation_metadata(), request_id),
-            )
-            backend.num_outstanding += 1
-            try:
-                async for response in call:
-                    yield response
-            except grpc.aio.AioRpcError as error:
-                await context.abort(error.code(), error.details())
-            finally:
-                # A caller that hung up cancels this handler; cancelling the worker's call is what
-                # makes the worker abort the sequence and free its KV blocks.
-                backend.num_outstanding -= 1
-                call.cancel()
+            backend, metadata = await self._route(request_bytes, context)
+            call = backend.unary_stream(method)(request_bytes, timeout=context.time_remaining(), metadata=metadata)
+            async for response in _relay(backend, call, context):
+                yield response
 
         return handle
 
@@ -131,30 +119,16 @@ class RoutingServicer:
             first = await anext(aiter(request_iterator), None)
             if first is None:
                 return
-            header = routing_pb2.RoutingHeader.FromString(first)
-            request_id = _request_id(header)
-            bind_request(request_id, header.model_name, header.model_version)
-            backend = await self._choose(header)
+            backend, metadata = await self._route(first, context)
 
             async def requests():
                 yield first
                 async for request in request_iterator:
                     yield request
 
-            call = backend.stream_stream(method)(
-                requests(),
-                timeout=context.time_remaining(),
-                metadata=_forwardable(context.invocation_metadata(), request_id),
-            )
-            backend.num_outstanding += 1
-            try:
-                async for response in call:
-                    yield response
-            except grpc.aio.AioRpcError as error:
-                await context.abort(error.code(), error.details())
-            finally:
-                backend.num_outstanding -= 1
-                call.cancel()
+            call = backend.stream_stream(method)(requests(), timeout=context.time_remaining(), metadata=metadata)
+            async for response in _relay(backend, call, context):
+                yield response
 
         return handle
 
@@ -203,6 +177,21 @@ class RoutingServicer:
         if request.name and not merged:
             merged = [pb.ModelStatistics(name=request.name, version=request.version)]
         return pb.ModelStatisticsResponse(model_stats=merged)
+
+
+async def _relay(backend: Backend, call, context):
+    """The worker's responses, as they come; its status becomes the caller's."""
+    backend.num_outstanding += 1
+    try:
+        async for response in call:
+            yield response
+    except grpc.aio.AioRpcError as error:
+        await context.abort(error.code(), error.details())
+    finally:
+        # A caller that hung up cancels this handler; cancelling the worker's call is what makes
+        # the worker abort the sequence and free its KV blocks.
+        backend.num_outstanding -= 1
+        call.cancel()
 
 
 def _unimplemented(reason: str) -> Callable:

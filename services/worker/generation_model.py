@@ -166,7 +166,7 @@ class GenerationModel:
             raise InvalidArgument("stream=true needs ModelStreamInfer; ModelInfer returns the whole text")
         overrides = {}
         if isinstance(parameters.get("sampling_parameters"), str):  # Triton vLLM backend style
-            overrides.update(_json_object("sampling_parameters", parameters["sampling_parameters"]))
+            overrides.update(_json("sampling_parameters", parameters["sampling_parameters"], dict))
         for key, value in parameters.items():
             if key not in _TRANSPORT_PARAMETERS and key != "sampling_parameters":
                 overrides[key] = _coerce(key, value)
@@ -359,29 +359,20 @@ def _coerce(name: str, value):
     except ValueError:
         raise InvalidArgument(f"parameter {name}: {value!r} is not a number") from None
     if name == "stop" and isinstance(value, str):
-        return _json_list(name, value) if value.startswith("[") else [value]
+        return _json(name, value, list) if value.startswith("[") else [value]
     if name == "stop_token_ids" and isinstance(value, str):
-        return _json_list(name, value)
+        return _json(name, value, list)
     return value
 
 
-def _json_list(name: str, value: str) -> list:
+def _json(name: str, value: str, kind: type):
+    """A parameter given as a JSON string: a list (stop, stop_token_ids) or an object."""
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as error:
-        raise InvalidArgument(f"parameter {name}: not a JSON list: {error}") from None
-    if not isinstance(parsed, list):
-        raise InvalidArgument(f"parameter {name} must be a JSON list")
-    return parsed
-
-
-def _json_object(name: str, value: str) -> dict:
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as error:
-        raise InvalidArgument(f"parameter {name}: not a JSON object: {error}") from None
-    if not isinstance(parsed, dict):
-        raise InvalidArgument(f"parameter {name} must be a JSON object")
+        raise InvalidArgument(f"parameter {name}: not valid JSON: {error}") from None
+    if not isinstance(parsed, kind):
+        raise InvalidArgument(f"parameter {name} must be a JSON {'list' if kind is list else 'object'}")
     return parsed
 
 
