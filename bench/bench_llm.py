@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -194,10 +195,8 @@ def _check(trace, prompt: Prompt, max_tokens: int, reference_tokens: list[int] |
         "output_tokens": len(trace.token_ids),
         "output_tokens_expected": max_tokens,
     }
-    if reference_tokens is not None:
-        matching = next((i for i, (a, b) in enumerate(zip(trace.token_ids, reference_tokens)) if a != b),
-                        min(len(trace.token_ids), len(reference_tokens)))
-        check["greedy_tokens_matching_transformers"] = matching
+    # The reference: transformers' tokens, else the in-process engine's.
+    check["greedy_tokens_matching_reference"] = _matching(trace.token_ids, reference_tokens)
     check["ok"] = (check["prompt_tokens_served"] == check["prompt_tokens_expected"]
                    and check["output_tokens"] == max_tokens)
     if not check["ok"]:
@@ -205,11 +204,21 @@ def _check(trace, prompt: Prompt, max_tokens: int, reference_tokens: list[int] |
     return check
 
 
+def _matching(tokens: list[int] | None, reference: list[int] | None) -> int | None:
+    """How many leading tokens agree (None without both)."""
+    if not tokens or not reference:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+
+
 def _log_point(point: dict, label: str) -> None:
+    """One line per point; a point with errors and no tokens at all stops the run (the server is gone)."""
     errors = f", [red]{point['num_errors']} errors: {point['first_error']}[/red]" if point["num_errors"] else ""
     log.print(f"  {point['target']:>6} {label} {point['output_tokens_per_s']:7.1f} tok/s  "
               f"TTFT p50 {_ms(point['ttft_p50_ms'])} p99 {_ms(point['ttft_p99_ms'])} ms  "
-              f"ITL p50 {_ms(point['itl_p50_ms'])} ms  peak KV {_pct(point['peak_kv_use'])}{errors}")
+              f"ITL p50 {_ms(point['itl_p50_ms'])} ms  peak KV {_pct(point['peak_kv_use'])}{errors}", soft_wrap=True)
+    if point["num_errors"] and not point["output_tokens_per_s"]:
+        raise RuntimeError(f"{point['target']} {label}: every request failed: {point['first_error']}")
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -263,6 +272,10 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}" if value >= 100 else f"{value:.1f}"
 
 
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"
 
@@ -300,7 +313,7 @@ def print_tables(report: dict) -> None:
         f"all requests sent)",
         ("rate/s", "sent", "req/s", "out tok/s", *latency_headers, "peak KV", "peak wait", "unfinished", "errors"),
         [(f"{p['rate_per_s']:g}", str(p["num_requests_sent"]), f"{p['requests_per_s']:.2f}",
-          f"{p['output_tokens_per_s']:.1f}", *latencies(p), _pct(p["peak_kv_use"]), str(p["peak_num_waiting"]),
+          f"{p['output_tokens_per_s']:.1f}", *latencies(p), _pct(p["peak_kv_use"]), _count(p["peak_num_waiting"]),
           str(p["num_cancelled"]), str(p["num_errors"] + p["num_wrong_length"])) for p in serving["open_loop"]],
     ))
     inprocess_rows = [
@@ -397,7 +410,9 @@ def run_inprocess(folder: Path, demo_config: dict, prompts: list[Prompt], args: 
     from services.worker.loading import engine_config_for
     from services.worker.model_files import FetchedVersion
 
-    batch_prompts = [p.token_ids for p in prompts[:max(args.concurrency)]]
+    num_prompts = max(args.concurrency)
+    batch_prompts = [p.token_ids for p in prompts[:num_prompts]]
+    warmup_prompts = [p.token_ids for p in prompts[num_prompts:2 * num_prompts]]
     transformers, engine_only = {}, None
     if not args.skip_transformers:
         from bench.llm_reference import load_transformers
@@ -406,7 +421,7 @@ def run_inprocess(folder: Path, demo_config: dict, prompts: list[Prompt], args: 
         model = load_transformers(folder)
         pad_token_id = model.generation_config.pad_token_id
         pad_token_id = model.config.eos_token_id if pad_token_id is None else pad_token_id
-        transformers = measure_transformers(model, batch_prompts, args.concurrency, args.max_tokens,
+        transformers = measure_transformers(model, batch_prompts, warmup_prompts, args.concurrency, args.max_tokens,
                                             int(pad_token_id), args.duration_s, log=log.print)
         del model
         gc.collect()
@@ -415,7 +430,7 @@ def run_inprocess(folder: Path, demo_config: dict, prompts: list[Prompt], args: 
         # The worker's own engine config: the demo's registered config, no overrides but threads.
         fetched = FetchedVersion(MODEL, 1, "generation", demo_config, folder)
         engine_config = engine_config_for(fetched, WorkerConfig(model_name=MODEL, num_threads=args.worker_threads))
-        engine_only = measure_engine_only(engine_config, batch_prompts, args.max_tokens)
+        engine_only = measure_engine_only(engine_config, batch_prompts, warmup_prompts, args.max_tokens)
         log.print(f"  engine only: {engine_only['output_tokens_per_s']:.1f} tok/s, "
                   f"decode step p50 {_ms(engine_only['decode_step_p50_ms'])} ms")
         gc.collect()
@@ -435,11 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     from services.launcher import LLM_DEMO, demo_models
 
     # One home for the whole run: the GGUF is imported once, here, and `up` reuses the import. The
-    # import (~0.5 GB) goes in any case; the rest (the stack's logs) stays when something failed.
+    # stack removes the home when all went well; the import (~0.5 GB) goes in any case.
     home = Path(tempfile.mkdtemp(prefix="tensoryard-bench-llm-"))
     try:
         demo = next(m for m in demo_models(home) if m.name == LLM_DEMO)
-        prompts = make_prompts(demo.folder, NUM_PROMPTS, args.seed)
+        prompts = make_prompts(demo.folder, max(NUM_PROMPTS, 2 * max(args.concurrency)), args.seed)
         log.print(f"{len(prompts)} prompts, {prompt_stats(prompts)['mean_tokens']:.0f} tokens on average")
 
         with cpu_affinity(server_cpus):
@@ -456,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
                 serving = asyncio.run(measure_serving(targets, prompts, args, reference_tokens))
     finally:
         shutil.rmtree(home / "imports", ignore_errors=True)
-    shutil.rmtree(home, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            home.rmdir()  # when nothing else is left in it
 
     simulated = simulate(transformers, serving) if transformers else []
     report = {
@@ -468,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         "pinning": {"server_cpus": sorted(server_cpus or []), "client_cpus": sorted(client_cpus or [])},
         "prompts": prompt_stats(prompts),
         "torch_num_threads": torch_num_threads,
-        "check": serving["check"],
+        "check": {**serving["check"], "engine_only_greedy_tokens_matching_transformers": _matching(
+            engine_only and engine_only["first_request_token_ids"],
+            transformers.get(1, {}).get("first_request_token_ids"))},
         "transformers": transformers,
         "engine_only": engine_only,
         "serving": {k: v for k, v in serving.items() if k not in ("arrivals_s", "check")},

@@ -22,6 +22,8 @@ import numpy as np
 
 from bench.loadgen import closed_loop
 
+ERROR_PAUSE_S = 0.1
+
 
 @dataclass(slots=True)
 class RequestTrace:
@@ -127,7 +129,11 @@ async def closed_loop_point(stub, next_request: Callable[[], object], concurrenc
     traces: list[RequestTrace] = []
 
     async def send(_: int) -> None:
-        await traced_generate(stub, next_request(), traces)
+        try:
+            await traced_generate(stub, next_request(), traces)
+        except Exception:
+            await asyncio.sleep(ERROR_PAUSE_S)  # counted by closed_loop; no tight loop on a dead server
+            raise
 
     result = await closed_loop(send, concurrency, duration_s, warmup_s)
     return traces, result.window_start_s, result.window_end_s

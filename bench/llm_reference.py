@@ -98,13 +98,14 @@ def time_generate(model, prompts: list[list[int]], num_output_tokens: int, pad_t
     )
 
 
-def measure_transformers(model, prompts: list[list[int]], batch_sizes: list[int], num_output_tokens: int,
-                         pad_token_id: int, duration_s: float, log=print) -> dict[int, dict]:
+def measure_transformers(model, prompts: list[list[int]], warmup_prompts: list[list[int]], batch_sizes: list[int],
+                         num_output_tokens: int, pad_token_id: int, duration_s: float, log=print) -> dict[int, dict]:
     """Per batch size: batch 1 runs the prompts one at a time until duration_s has passed (at least
-    one); larger sizes run every full batch of `prompts` in order, once."""
-    time_generate(model, [prompts[0][:16]], 2, pad_token_id)  # warm-up: first-call costs
+    one); larger sizes run every full batch of `prompts` in order, once. Each size first runs a
+    batch of as many warm-up prompts for 2 tokens: the first call at a size costs seconds more."""
     results = {}
     for batch_size in batch_sizes:
+        time_generate(model, warmup_prompts[:batch_size], 2, pad_token_id)
         timings: list[GenerateTiming] = []
         if batch_size == 1:
             started_s = time.perf_counter()
@@ -144,12 +145,16 @@ def _summarize_batches(timings: list[GenerateTiming], num_output_tokens: int) ->
 
 # ------------------------------------------------------------------------------------- engine only
 
-def measure_engine_only(engine_config, prompts: list[list[int]], num_output_tokens: int) -> dict:
-    """All prompts added at once to an in-process LLMEngine, stepped until done: no gRPC, no threads."""
+def measure_engine_only(engine_config, prompts: list[list[int]], warmup_prompts: list[list[int]],
+                        num_output_tokens: int) -> dict:
+    """All prompts added at once to an in-process LLMEngine, stepped until done: no gRPC, no threads.
+    A wave of as many other prompts runs first for 2 tokens (the first large prefill costs seconds
+    more; other prompts, so that the prefix cache holds none of the measured ones)."""
     from services.worker.engine.engine import LLMEngine
 
     engine = LLMEngine(engine_config)
-    run_engine(engine, [[1] * 4, [1] * 64], 2)  # warm-up, as the worker does
+    run_engine(engine, warmup_prompts[:len(prompts)], 2)
+    hits_before = engine.stats().num_prefix_hit_tokens
     step_log, first_token_at_s, token_ids, start_s = run_engine(engine, prompts, num_output_tokens)
     elapsed_s = step_log[-1][0] - start_s
     prefill_done_s = max(first_token_at_s.values())
@@ -169,7 +174,7 @@ def measure_engine_only(engine_config, prompts: list[list[int]], num_output_toke
         "decode_step_p50_ms": float(np.median([s[1] for s in decode_steps])) * 1e3 if decode_steps else None,
         "decode_tokens_per_s": (sum(s[2] for s in decode_steps) / sum(s[1] for s in decode_steps)
                                 if decode_steps else None),
-        "prefix_hit_tokens": stats.num_prefix_hit_tokens,
+        "prefix_hit_tokens": stats.num_prefix_hit_tokens - hits_before,
         "first_request_token_ids": token_ids[0],
     }
 

@@ -54,12 +54,11 @@ def running_stack(worker_threads: int, server_cpus: set[int] | None, with_llm: b
                   home: Path | None = None):
     """`tensoryard up` in a temporary home; SIGINT on the way out, whatever happens.
 
-    `with_llm=False` serves the embedding demo only. A `home` given by the caller stays the caller's
-    (kept afterwards); it may already hold `imports/`, which `up` then reuses instead of converting
-    the GGUF again.
+    `with_llm=False` serves the embedding demo only. `home` may name a folder made for the purpose
+    that already holds `imports/` (then `up` reuses the import instead of converting the GGUF again);
+    it is handled like the temporary one: removed afterwards unless something went wrong.
     """
-    owns_home = home is None
-    home = Path(tempfile.mkdtemp(prefix="tensoryard-bench-")) if owns_home else home
+    home = home or Path(tempfile.mkdtemp(prefix="tensoryard-bench-"))
     ports = free_ports(4)
     output_path = home / "up.out"
     command = [sys.executable, "-m", "services.cli", "up", "--home", str(home),
@@ -76,9 +75,9 @@ def running_stack(worker_threads: int, server_cpus: set[int] | None, with_llm: b
         ok = True
     finally:
         ok = _stop(process) and ok
-        if ok and owns_home:
+        if ok:
             shutil.rmtree(home, ignore_errors=True)
-        elif not ok:
+        else:
             log.print(f"[yellow]stack output and logs kept in {home}[/yellow]")
 
 
