@@ -110,14 +110,16 @@ def test_worker_refuses_files_whose_sha256_does_not_match(registry, tmp_path):
 def test_sigint_stops_up_and_every_child(tmp_path):
     ports = [str(free_port()) for _ in range(4)]
     output = tmp_path / "up.out"
-    up = cli("up", "--home", str(tmp_path / "home"), "--router-port", ports[0], "--registry-port", ports[1],
-             "--router-metrics-port", ports[2], "--registry-metrics-port", ports[3], log_path=output)
+    # --no-llm: the session's stack already covers the LLM worker; this one checks the shutdown.
+    up = cli("up", "--no-llm", "--home", str(tmp_path / "home"), "--router-port", ports[0],
+             "--registry-port", ports[1], "--router-metrics-port", ports[2], "--registry-metrics-port", ports[3],
+             log_path=output)
     try:
         wait_until(lambda: up.poll() is not None or "tensoryard is ready" in output.read_text(), 240,
                    "tensoryard up to be ready", interval_s=0.2)
         assert up.poll() is None, output.read_text()
         children = _children_of(up.pid)
-        assert len(children) == 4  # registry, router, a worker per demo model
+        assert len(children) == 3  # registry, router, the embedding worker
     finally:
         exit_code = stop(up, timeout_s=60)
     assert exit_code == 0, output.read_text()
