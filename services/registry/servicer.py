@@ -14,7 +14,8 @@ from protos.tensoryard.v1 import discovery_pb2, discovery_pb2_grpc, registry_pb2
 from services.common.errors import InvalidArgument
 from services.registry.blobs import BlobStore
 from services.registry.discovery import DiscoveryCatalog, InstanceRecord
-from services.registry.store import FileRecord, ModelRecord, ModelStore, VersionRecord
+from services.registry.records import FileRecord, ModelRecord, VersionRecord
+from services.registry.store import ModelStore
 
 BLOB_CHUNK_BYTES = 1 << 20
 WATCH_POLL_S = 30.0

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 from services.common.errors import (
@@ -32,101 +29,16 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
 )
-from services.registry.blobs import BlobStore, validate_sha256
-
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-
-class Task(StrEnum):
-    EMBEDDING = "embedding"
-    GENERATION = "generation"
-    TENSOR = "tensor"
-
-
-@dataclass(frozen=True, slots=True)
-class ModelRecord:
-    name: str
-    task: Task
-    description: str
-    created_at_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class FileRecord:
-    path: str  # relative POSIX path inside the model folder, e.g. "onnx/model.onnx"
-    sha256: str
-    size_bytes: int
-
-    def __post_init__(self) -> None:
-        validate_file_path(self.path)
-        validate_sha256(self.sha256)
-        if type(self.size_bytes) is not int or self.size_bytes < 0:
-            raise InvalidArgument(
-                f"file {self.path!r}: size_bytes must be a non-negative int, "
-                f"got {self.size_bytes!r}"
-            )
-
-
-@dataclass(frozen=True, slots=True)
-class VersionRecord:
-    model_name: str
-    version: int
-    # Serving parameters (e.g. max_batch_size). A fresh copy per read: changing it changes
-    # nothing stored. Left out of the hash because dicts are unhashable.
-    config: dict = field(hash=False)
-    files: tuple[FileRecord, ...]  # sorted by path
-    created_at_s: float
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(file.size_bytes for file in self.files)
-
-
-def validate_model_name(name: object) -> str:
-    # fullmatch, not `$`: `$` would also accept a trailing newline.
-    if not isinstance(name, str) or _MODEL_NAME.fullmatch(name) is None:
-        raise InvalidArgument(
-            f"invalid model name {name!r}: use 1-128 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-def validate_file_path(path: object) -> str:
-    """`path` if it is a canonical relative POSIX path that stays inside the model folder.
-
-    Workers materialise these paths on disk, so `..`, absolute paths and backslashes (a
-    separator on Windows) are refused; `.` and empty parts too, so that one file has one
-    spelling and version comparisons by path are exact.
-    """
-    if not isinstance(path, str) or not path:
-        raise InvalidArgument(f"file path must be a non-empty string, got {path!r}")
-    if "\\" in path or "\0" in path:
-        raise InvalidArgument(f"file path {path!r} must not contain backslashes or NUL")
-    if path.startswith("/"):
-        raise InvalidArgument(f"file path {path!r} must be relative")
-    if any(part in ("", ".", "..") for part in path.split("/")):
-        raise InvalidArgument(f"file path {path!r} must not contain '..', '.' or empty parts")
-    return path
-
-
-def _validate_task(task: object) -> Task:
-    try:
-        return Task(task)
-    except ValueError:
-        allowed = ", ".join(t.value for t in Task)
-        raise InvalidArgument(f"invalid task {task!r}: expected one of {allowed}") from None
-
-
-def _canonical_config_json(config: object) -> str:
-    """One JSON spelling per config, so equal configs compare equal as text."""
-    if not isinstance(config, dict):
-        raise InvalidArgument(f"config must be a JSON object, got {type(config).__name__}")
-    try:
-        return json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise InvalidArgument(f"config is not JSON-serializable: {error}") from None
-
+from services.registry.blobs import BlobStore
+from services.registry.records import (
+    FileRecord,
+    ModelRecord,
+    Task,
+    VersionRecord,
+    canonical_config_json,
+    validate_model_name,
+    validate_task,
+)
 
 # Entry i upgrades the schema from version i to i + 1; append, never edit.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -342,12 +254,12 @@ class ModelStore:
         validate_model_name(name)
         if not isinstance(description, str):
             raise InvalidArgument(f"description must be a string, got {type(description).__name__}")
-        return ModelRecord(name, _validate_task(task), description, self._clock())
+        return ModelRecord(name, validate_task(task), description, self._clock())
 
     def _checked_version_inputs(
         self, files: Iterable[FileRecord], config: dict
     ) -> tuple[tuple[FileRecord, ...], str]:
-        config_json = _canonical_config_json(config)
+        config_json = canonical_config_json(config)
         files = tuple(files)
         for file in files:
             if not isinstance(file, FileRecord):
@@ -457,7 +369,7 @@ def _same_content(current: VersionRecord, files: tuple[FileRecord, ...], config_
         return [(f.path, f.sha256) for f in records]
 
     same_files = key(current.files) == key(files)
-    return same_files and _canonical_config_json(current.config) == config_json
+    return same_files and canonical_config_json(current.config) == config_json
 
 
 def _visible_files(folder: Path) -> list[str]:

@@ -36,6 +36,7 @@ log = get_logger(__name__)
 EXIT_INTEGRITY = 3
 EXIT_LOAD_FAILED = 4
 
+
 class Worker:
     def __init__(self, config: WorkerConfig):
         self.config = config

@@ -17,7 +17,8 @@ from services.common.errors import (
     NotFound,
 )
 from services.registry.blobs import BlobStore
-from services.registry.store import FileRecord, ModelStore, Task
+from services.registry.records import FileRecord, Task
+from services.registry.store import ModelStore
 
 CONFIG = {"max_batch_size": 8}
 
