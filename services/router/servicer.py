@@ -16,7 +16,7 @@ import grpc
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.tensoryard.v1 import routing_pb2
-from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common.errors import InvalidArgument, NotFound, TensoryardError, Unavailable
 from services.common.grpc_server import REQUEST_ID_HEADER, bind_request
 from services.common.telemetry import get_logger
 from services.router import statistics
@@ -114,21 +114,66 @@ class RoutingServicer:
         return handle
 
     def forward_stream(self, method: str) -> Callable:
+        """ModelStreamInfer: each request on the caller's stream is routed on its own.
+
+        Requests for one worker share one stream to it (opened at its first request); responses
+        from all of them are merged back as they come. A request that cannot be routed (unknown
+        model, no replica) gets an in-stream error and the stream goes on, as Triton does.
+        """
+
         async def handle(request_iterator, context: grpc.aio.ServicerContext):
-            # A stream goes to the worker chosen for its first request.
-            first = await anext(aiter(request_iterator), None)
-            if first is None:
-                return
-            backend, metadata = await self._route(first, context)
+            responses: asyncio.Queue = asyncio.Queue()
+            stream_id = uuid.uuid4().hex[:16]
+            metadata = _forwardable(context.invocation_metadata(), stream_id)
+            outgoing: dict[str, asyncio.Queue] = {}
+            pumps: list[asyncio.Task] = []
 
-            async def requests():
-                yield first
-                async for request in request_iterator:
-                    yield request
+            async def pump(backend: Backend, requests: asyncio.Queue) -> None:
+                async def drain():
+                    while (request := await requests.get()) is not None:
+                        yield request
 
-            call = backend.stream_stream(method)(requests(), timeout=context.time_remaining(), metadata=metadata)
-            async for response in _relay(backend, call, context):
-                yield response
+                call = backend.stream_stream(method)(drain(), timeout=context.time_remaining(), metadata=metadata)
+                backend.num_outstanding += 1
+                try:
+                    async for response in call:
+                        await responses.put(response)
+                except grpc.aio.AioRpcError as error:  # the worker's stream failed: so does the caller's
+                    await responses.put(error)
+                finally:
+                    backend.num_outstanding -= 1
+                    call.cancel()
+
+            async def read() -> None:
+                async for request_bytes in request_iterator:
+                    header = routing_pb2.RoutingHeader.FromString(request_bytes)
+                    bind_request(header.id or stream_id, header.model_name, header.model_version)
+                    try:
+                        backend = await self._choose(header)
+                    except TensoryardError as error:
+                        await responses.put(_stream_error(header, error.message))
+                        continue
+                    key = backend.instance.instance_id
+                    if key not in outgoing:
+                        outgoing[key] = asyncio.Queue()
+                        pumps.append(asyncio.create_task(pump(backend, outgoing[key])))
+                    await outgoing[key].put(request_bytes)
+                for requests in outgoing.values():
+                    await requests.put(None)  # half-close: the caller sends nothing more
+                await asyncio.gather(*pumps)
+                await responses.put(None)
+
+            reader = asyncio.create_task(read())
+            try:
+                while (response := await responses.get()) is not None:
+                    if isinstance(response, grpc.aio.AioRpcError):
+                        await context.abort(response.code(), response.details())
+                    yield response
+                await reader
+            finally:
+                reader.cancel()
+                for task in pumps:
+                    task.cancel()
 
         return handle
 
@@ -168,7 +213,11 @@ class RoutingServicer:
 
     async def ModelStatistics(self, request, context):
         if request.name:
-            await self._catalog.check(request.name, request.version)
+            try:
+                await self._catalog.check(request.name, request.version)
+            except NotFound as error:
+                # Triton answers INVALID_ARGUMENT here (and NOT_FOUND elsewhere); clients expect it.
+                raise InvalidArgument(f"requested model '{request.name}' is not available: {error.message}") from None
         backends = self._pool.backends(request.name, request.version)
         replies = await asyncio.gather(
             *(statistics.fetch(b, request, context.time_remaining()) for b in backends)
@@ -177,6 +226,14 @@ class RoutingServicer:
         if request.name and not merged:
             merged = [pb.ModelStatistics(name=request.name, version=request.version)]
         return pb.ModelStatisticsResponse(model_stats=merged)
+
+
+def _stream_error(header: routing_pb2.RoutingHeader, message: str) -> bytes:
+    """An in-stream error for one request, as a worker (or Triton) sends it."""
+    response = pb.ModelStreamInferResponse(
+        error_message=message, infer_response=pb.ModelInferResponse(id=header.id)
+    )
+    return response.SerializeToString()
 
 
 async def _relay(backend: Backend, call, context):

@@ -72,6 +72,18 @@ class BatchSizeStat:
 
     batch_size: int  # items in the batch
     compute_infer: DurationStat  # count = batches of this size, ns = their execute time
+    compute_input: DurationStat = DurationStat()  # the part execute reported as preparing inputs
+    compute_output: DurationStat = DurationStat()  # the part execute reported as producing outputs
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutput:
+    """What `execute` may return instead of a plain list, to split its time as Triton does:
+    preparing inputs (e.g. tokenizing, padding), the model, and producing outputs."""
+
+    results: list
+    compute_input_ns: int = 0
+    compute_output_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +102,8 @@ class BatcherStats:
     execution_count: int  # batches executed
     last_inference_ms: int  # wall clock, ms since epoch, when the last batch ended; 0 = never
     batch_stats: tuple[BatchSizeStat, ...]  # sorted by batch_size
+    compute_input: DurationStat = DurationStat()  # per successful request, as compute_infer
+    compute_output: DurationStat = DurationStat()
 
 
 @dataclass(slots=True)
@@ -102,11 +116,15 @@ class _StatsRecorder:
     fail_ns: int = 0
     queue_ns: int = 0
     compute_infer_ns: int = 0
+    compute_input_ns: int = 0
+    compute_output_ns: int = 0
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
     num_batches_by_size: dict[int, int] = field(default_factory=dict)
     compute_ns_by_size: dict[int, int] = field(default_factory=dict)
+    input_ns_by_size: dict[int, int] = field(default_factory=dict)
+    output_ns_by_size: dict[int, int] = field(default_factory=dict)
 
     def record_batch(
         self,
@@ -115,14 +133,18 @@ class _StatsRecorder:
         num_items: int,
         start_ns: int,
         end_ns: int,
+        input_ns: int = 0,
+        output_ns: int = 0,
     ) -> None:
-        compute_ns = end_ns - start_ns
+        compute_ns = end_ns - start_ns - input_ns - output_ns
         for request_enqueued_ns, ok in zip(enqueued_ns, succeeded):
             if ok:
                 self.success_count += 1
                 self.success_ns += end_ns - request_enqueued_ns
                 self.queue_ns += start_ns - request_enqueued_ns
                 self.compute_infer_ns += compute_ns
+                self.compute_input_ns += input_ns
+                self.compute_output_ns += output_ns
             else:
                 self.fail_count += 1
                 self.fail_ns += end_ns - request_enqueued_ns
@@ -130,6 +152,8 @@ class _StatsRecorder:
         self.execution_count += 1
         self.num_batches_by_size[num_items] = self.num_batches_by_size.get(num_items, 0) + 1
         self.compute_ns_by_size[num_items] = self.compute_ns_by_size.get(num_items, 0) + compute_ns
+        self.input_ns_by_size[num_items] = self.input_ns_by_size.get(num_items, 0) + input_ns
+        self.output_ns_by_size[num_items] = self.output_ns_by_size.get(num_items, 0) + output_ns
         self.last_inference_ms = time.time_ns() // 1_000_000
 
     def snapshot(self) -> BatcherStats:
@@ -142,9 +166,16 @@ class _StatsRecorder:
             execution_count=self.execution_count,
             last_inference_ms=self.last_inference_ms,
             batch_stats=tuple(
-                BatchSizeStat(size, DurationStat(count, self.compute_ns_by_size[size]))
+                BatchSizeStat(
+                    size,
+                    DurationStat(count, self.compute_ns_by_size[size]),
+                    DurationStat(count, self.input_ns_by_size[size]),
+                    DurationStat(count, self.output_ns_by_size[size]),
+                )
                 for size, count in sorted(self.num_batches_by_size.items())
             ),
+            compute_input=DurationStat(self.success_count, self.compute_input_ns),
+            compute_output=DurationStat(self.success_count, self.compute_output_ns),
         )
 
 
@@ -319,8 +350,13 @@ class DynamicBatcher:
 
     def _execute_batch(self, batch: list[_Request]) -> None:
         start_ns = time.monotonic_ns()
+        input_ns = output_ns = 0
         try:
-            results = list(self._execute([request.payload for request in batch]))
+            output = self._execute([request.payload for request in batch])
+            if isinstance(output, BatchOutput):
+                input_ns, output_ns = output.compute_input_ns, output.compute_output_ns
+                output = output.results
+            results = list(output)
             if len(results) != len(batch):
                 raise RuntimeError(
                     f"execute returned {len(results)} results for {len(batch)} payloads"
@@ -337,6 +373,8 @@ class DynamicBatcher:
                 sum(request.num_items for request in batch),
                 start_ns,
                 end_ns,
+                input_ns,
+                output_ns,
             )
             self._num_in_flight = 0
         for request, result, ok in zip(batch, results, succeeded):

@@ -14,13 +14,14 @@ on the batcher's thread; a batch is padded per length bucket, not to its longest
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from protos.inference import grpc_service_pb2 as pb
 from services.common.errors import InvalidArgument
-from services.worker.batcher import BatcherConfig, DynamicBatcher
+from services.worker.batcher import BatchOutput, BatcherConfig, DynamicBatcher
 from services.worker.models.sentence_encoder import SentenceEncoder
 from services.worker.tensor_codec import TensorSpec, check_requested_outputs, decode_inputs
 
@@ -143,7 +144,8 @@ class EmbeddingModel:
 
     # -- batch side (batcher thread) -----------------------------------------------------------
 
-    def _execute(self, jobs: list[EmbedJob]) -> list[np.ndarray]:
+    def _execute(self, jobs: list[EmbedJob]) -> BatchOutput:
+        started_ns = time.monotonic_ns()
         texts = [t for job in jobs if job.texts is not None for t in job.texts]
         token_rows: list[list[int]] = self.encoder.tokenize(texts) if texts else []
         rows = iter(token_rows)
@@ -156,12 +158,18 @@ class EmbeddingModel:
                     [ids[mask.astype(bool)].tolist() for ids, mask in zip(job.input_ids, job.attention_mask)]
                 )
         flat = [row for job_rows in per_job_rows for row in job_rows]
+        tokenized_ns = time.monotonic_ns()
         embeddings = self.encoder.embed_token_lists(flat)
+        computed_ns = time.monotonic_ns()
         results, start = [], 0
         for job_rows in per_job_rows:
             results.append(embeddings[start : start + len(job_rows)])
             start += len(job_rows)
-        return results
+        return BatchOutput(
+            results,
+            compute_input_ns=tokenized_ns - started_ns,
+            compute_output_ns=time.monotonic_ns() - computed_ns,
+        )
 
     def warm_up(self, num_batches: int) -> None:
         """Run the model on short and long inputs so the first requests pay no first-call costs.

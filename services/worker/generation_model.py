@@ -269,8 +269,9 @@ class GenerationModel:
                 if output.text_delta or output.finished and final:
                     yield self._response(request.id, output.text_delta, final=final, last=output if output.finished else None)
         if job.empty_final_response:
+            # As Triton sends it: name, id and the flag, no version.
             yield pb.ModelInferResponse(
-                model_name=self.name, model_version=self.version, id=request.id,
+                model_name=self.name, id=request.id,
                 parameters={"triton_final_response": pb.InferParameter(bool_param=True)},
             )
 

@@ -58,7 +58,7 @@ def model_config(model) -> pb.ModelConfigResponse:
             mc.ModelOutput(name=s.name, data_type=_CONFIG_DATATYPES[s.datatype], dims=s.dims)
             for s in model.outputs.values()
         ],
-        instance_group=[mc.ModelInstanceGroup(name=model.name, kind=_instance_kind(model), count=1)],
+        instance_group=[mc.ModelInstanceGroup(name=f"{model.name}_0", kind=_instance_kind(model), count=1)],
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=model.decoupled),
     )
     batcher = getattr(model, "batcher_config", None)
@@ -97,15 +97,15 @@ def model_statistics(model, stats: BatcherStats) -> pb.ModelStatistics:
             fail=duration(stats.fail),
             queue=duration(stats.queue),
             compute_infer=duration(stats.compute_infer),
-            compute_input=pb.StatisticDuration(count=stats.success.count),
-            compute_output=pb.StatisticDuration(count=stats.success.count),
+            compute_input=duration(stats.compute_input),
+            compute_output=duration(stats.compute_output),
         ),
         batch_stats=[
             pb.InferBatchStatistics(
                 batch_size=b.batch_size,
                 compute_infer=duration(b.compute_infer),
-                compute_input=pb.StatisticDuration(count=b.compute_infer.count),
-                compute_output=pb.StatisticDuration(count=b.compute_infer.count),
+                compute_input=duration(b.compute_input),
+                compute_output=duration(b.compute_output),
             )
             for b in stats.batch_stats
         ],

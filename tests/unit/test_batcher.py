@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from services.common.errors import InvalidArgument, Overloaded, Unavailable
-from services.worker.batcher import BatcherConfig, DynamicBatcher
+from services.worker.batcher import BatcherConfig, BatchOutput, DurationStat, DynamicBatcher
 
 LONG_DELAY_US = 60_000_000  # far longer than any test may take: reaching it means a bug
 RESULT_TIMEOUT_S = 5.0
@@ -388,3 +388,20 @@ def test_stats_count_failed_requests_apart_from_successes(make_batcher):
     assert (stats.success.count, stats.fail.count) == (1, 1)
     assert stats.inference_count == 2
     assert stats.fail.ns > 0
+
+
+def test_execute_can_split_its_time_into_input_infer_and_output():
+    def execute(payloads):
+        time.sleep(0.01)
+        return BatchOutput([p * 2 for p in payloads], compute_input_ns=3_000_000, compute_output_ns=2_000_000)
+
+    batcher = DynamicBatcher(BatcherConfig(max_batch_size=4), execute)
+    try:
+        assert batcher.submit(21, 1).result(timeout=5) == 42
+        stats = batcher.stats()
+    finally:
+        batcher.close(timeout_s=5)
+    assert stats.compute_input == DurationStat(1, 3_000_000)
+    assert stats.compute_output == DurationStat(1, 2_000_000)
+    assert stats.compute_infer.ns >= 10_000_000 - 5_000_000
+    assert stats.batch_stats[0].compute_input == DurationStat(1, 3_000_000)
