@@ -270,20 +270,30 @@ def print_tables(points: list[dict], comparisons: list[dict], inprocess: dict[st
             _ms(row["router_added_p50_ms"]), str(router["num_errors"] + direct["num_errors"]),
         )
     console.print(table)
-    if inprocess:
-        reference = Table(title=f"In-process sentence-transformers (reference, torch threads "
-                                f"{next(iter(inprocess.values()))['torch_num_threads']})")
-        for header in ("texts", f"texts/s (batch {INPROCESS_BATCH_SIZE})", "1 text p50 ms", "1 text p99 ms"):
-            reference.add_column(header, justify="left" if header == "texts" else "right")
-        for kind, result in inprocess.items():
-            reference.add_row(kind, f"{result['texts_per_s']:.1f}", _ms(result["one_text_p50_ms"]),
-                              _ms(result["one_text_p99_ms"]))
-        console.print(reference)
+    print_inprocess_table(console, inprocess)
 
 
-def write_json(report: dict, created: datetime) -> Path:
+def print_inprocess_table(console: Console, inprocess: dict[str, dict]) -> None:
+    if not inprocess:
+        return
+    reference = Table(title=f"In-process sentence-transformers (reference, torch threads "
+                            f"{next(iter(inprocess.values()))['torch_num_threads']})")
+    for header in ("texts", f"texts/s (batch {INPROCESS_BATCH_SIZE})", "1 text p50 ms", "1 text p99 ms"):
+        reference.add_column(header, justify="left" if header == "texts" else "right")
+    for kind, result in inprocess.items():
+        reference.add_row(kind, f"{result['texts_per_s']:.1f}", _ms(result["one_text_p50_ms"]),
+                          _ms(result["one_text_p99_ms"]))
+    console.print(reference)
+
+
+def result_path(name: str, created: datetime, suffix: str) -> Path:
+    """bench/results/<name>-<UTC>.<suffix>; the folder is made if missing."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"embeddings-{created.strftime('%Y%m%dT%H%M%SZ')}.json"
+    return RESULTS_DIR / f"{name}-{created.strftime('%Y%m%dT%H%M%SZ')}.{suffix}"
+
+
+def write_json(report: dict, created: datetime, name: str = "embeddings") -> Path:
+    path = result_path(name, created, "json")
     partial = path.with_name(path.name + ".tmp")
     partial.write_text(json.dumps(report, indent=2) + "\n")
     partial.replace(path)
