@@ -254,23 +254,35 @@ def _x(value: float | None) -> str:
 def print_tables(points: list[dict], comparisons: list[dict], inprocess: dict[str, dict],
                  text_stats: dict[str, dict], title: str) -> None:
     console = Console(width=None if sys.stdout.isatty() else 150)
+    print_pair_table(
+        console, title, points, comparisons, text_stats, ("router", "direct"),
+        ("router/direct", "router/in-proc", "router +p50 ms"),
+        lambda row: (_x(row["router_over_direct_throughput"]), _x(row["router_over_inprocess_throughput"]),
+                     _ms(row["router_added_p50_ms"])),
+    )
+    print_inprocess_table(console, inprocess)
+
+
+def print_pair_table(console: Console, title: str, points: list[dict], comparisons: list[dict],
+                     text_stats: dict[str, dict], targets: tuple[str, str], ratio_headers: tuple[str, ...],
+                     ratio_cells) -> None:
+    """One row per (text kind, concurrency): both targets' texts/s, p50, p99, then the ratios."""
+    first, second = targets
     by_key = {(p["text_kind"], p["concurrency"], p["target"]): p for p in points}
     table = Table(title=title)
-    for header in ("texts", "conc", "router req/s", "p50 ms", "p99 ms", "direct req/s", "p50 ms",
-                   "p99 ms", "router/direct", "router/in-proc", "router +p50 ms", "errors"):
+    for header in ("texts", "conc", f"{first} texts/s", "p50 ms", "p99 ms", f"{second} texts/s", "p50 ms",
+                   "p99 ms", *ratio_headers, "errors"):
         table.add_column(header, justify="left" if header == "texts" else "right", no_wrap=True)
     for row in comparisons:
         kind, concurrency = row["text_kind"], row["concurrency"]
-        router, direct = by_key[(kind, concurrency, "router")], by_key[(kind, concurrency, "direct")]
+        a, b = by_key[(kind, concurrency, first)], by_key[(kind, concurrency, second)]
         table.add_row(
             f"{kind} ~{text_stats[kind]['mean_tokens']:.0f}t", str(concurrency),
-            f"{router['requests_per_s']:.1f}", _ms(router["p50_ms"]), _ms(router["p99_ms"]),
-            f"{direct['requests_per_s']:.1f}", _ms(direct["p50_ms"]), _ms(direct["p99_ms"]),
-            _x(row["router_over_direct_throughput"]), _x(row["router_over_inprocess_throughput"]),
-            _ms(row["router_added_p50_ms"]), str(router["num_errors"] + direct["num_errors"]),
+            f"{a['requests_per_s']:.1f}", _ms(a["p50_ms"]), _ms(a["p99_ms"]),
+            f"{b['requests_per_s']:.1f}", _ms(b["p50_ms"]), _ms(b["p99_ms"]),
+            *ratio_cells(row), str(a["num_errors"] + b["num_errors"]),
         )
     console.print(table)
-    print_inprocess_table(console, inprocess)
 
 
 def print_inprocess_table(console: Console, inprocess: dict[str, dict]) -> None:

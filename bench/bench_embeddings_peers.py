@@ -32,13 +32,11 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from bench.bench_embeddings import (
     INPROCESS_BATCH_SIZE,
     MODEL,
     _difference,
-    _ms,
     _ratio,
     _x,
     load_reference,
@@ -46,6 +44,7 @@ from bench.bench_embeddings import (
     measure_inprocess,
     measure_serving,
     print_inprocess_table,
+    print_pair_table,
     result_path,
     write_json,
 )
@@ -141,22 +140,12 @@ def compare(points: list[dict], inprocess: dict[str, dict]) -> list[dict]:
 def print_tables(points: list[dict], comparisons: list[dict], inprocess: dict[str, dict],
                  text_stats: dict[str, dict], title: str) -> None:
     console = Console(width=None if sys.stdout.isatty() else 170)
-    by_key = {(p["text_kind"], p["concurrency"], p["target"]): p for p in points}
-    table = Table(title=title)
-    for header in ("texts", "conc", "tensoryard texts/s", "p50 ms", "p99 ms", "triton texts/s", "p50 ms",
-                   "p99 ms", "ty/triton", "ty-triton p99 ms", "ty/in-proc", "errors"):
-        table.add_column(header, justify="left" if header == "texts" else "right", no_wrap=True)
-    for row in comparisons:
-        kind, concurrency = row["text_kind"], row["concurrency"]
-        ours, peer = by_key[(kind, concurrency, "tensoryard")], by_key[(kind, concurrency, "triton")]
-        table.add_row(
-            f"{kind} ~{text_stats[kind]['mean_tokens']:.0f}t", str(concurrency),
-            f"{ours['requests_per_s']:.1f}", _ms(ours["p50_ms"]), _ms(ours["p99_ms"]),
-            f"{peer['requests_per_s']:.1f}", _ms(peer["p50_ms"]), _ms(peer["p99_ms"]),
-            _x(row["tensoryard_over_triton_throughput"]), _signed_ms(row["tensoryard_minus_triton_p99_ms"]),
-            _x(row["tensoryard_over_inprocess_throughput"]), str(ours["num_errors"] + peer["num_errors"]),
-        )
-    console.print(table)
+    print_pair_table(
+        console, title, points, comparisons, text_stats, ("tensoryard", "triton"),
+        ("ty/triton", "ty-triton p99 ms", "ty/in-proc"),
+        lambda row: (_x(row["tensoryard_over_triton_throughput"]), _signed_ms(row["tensoryard_minus_triton_p99_ms"]),
+                     _x(row["tensoryard_over_inprocess_throughput"])),
+    )
     print_inprocess_table(console, inprocess)
 
 
