@@ -315,13 +315,21 @@ def write_json(report: dict, created: datetime, name: str = "embeddings") -> Pat
 # --------------------------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    return parse_load_args(
+        argv, __doc__, worker_threads_default=0,
+        worker_threads_help="torch threads in the worker and the in-process reference (0: torch's default)",
+    )
+
+
+def parse_load_args(argv: list[str] | None, doc: str, worker_threads_default: int,
+                    worker_threads_help: str) -> argparse.Namespace:
+    """The options every embedding benchmark takes (this one and the one against peers)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--duration-s", type=float, default=10.0, help="measured seconds per point")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured seconds before each point")
     parser.add_argument("--concurrency", default="1,8,32", help="closed-loop clients per point, comma-separated")
     parser.add_argument("--text-kinds", default="short,long", help="short (~11 tokens), long (~200 tokens)")
-    parser.add_argument("--worker-threads", type=int, default=0,
-                        help="torch threads in the worker and the in-process reference (0: torch's default)")
+    parser.add_argument("--worker-threads", type=int, default=worker_threads_default, help=worker_threads_help)
     parser.add_argument("--pin", action="store_true",
                         help="servers and in-process reference on some cores, this client on the others")
     parser.add_argument("--skip-inprocess", action="store_true", help="skip the sentence-transformers reference")
@@ -332,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--text-kinds: unknown {sorted(unknown)}")
     if not args.concurrency or min(args.concurrency) < 1:
         parser.error("--concurrency: positive integers")
+    if args.worker_threads < 0:
+        parser.error("--worker-threads: 0 or more")
     return args
 
 

@@ -21,9 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,18 +41,18 @@ from bench.bench_embeddings import (
     make_texts,
     measure_inprocess,
     measure_serving,
+    parse_load_args,
     print_inprocess_table,
     print_pair_table,
     result_path,
     write_json,
 )
-from bench.machine import REPO_ROOT, cpu_affinity, machine_info, split_cpus
+from bench.machine import cpu_affinity, machine_info, split_cpus
 from bench.peers import triton_peer
-from bench.stack import free_ports, running_stack
+from bench.stack import background_server, free_ports, running_stack
 
 RESULTS_NAME = "embeddings-peers"
 TARGETS = ("tensoryard", "triton")
-PEER_READY_TIMEOUT_S = 300.0
 PEER_STOP_TIMEOUT_S = 60.0
 
 log = Console(stderr=True)
@@ -64,56 +62,18 @@ log = Console(stderr=True)
 
 @contextlib.contextmanager
 def running_triton_peer(torch_threads: int, server_cpus: set[int] | None):
-    """The Triton peer in its own session (tritonserver and its stubs stop with it); its gRPC address.
-
-    Its output is kept in a temporary folder, removed unless something went wrong.
-    """
+    """The Triton peer in its own session (tritonserver and its stubs stop with it): yields its
+    gRPC address and a `wait_ready()`."""
     if not triton_peer.venv_python().exists():
         raise SystemExit(triton_peer.NOT_INSTALLED)
     workdir = Path(tempfile.mkdtemp(prefix="tensoryard-triton-peer-"))
-    output_path = workdir / "peer.out"
     grpc_port, http_port, metrics_port = free_ports(3)
     command = [sys.executable, "-m", "bench.peers.triton_peer", "--no-llm",
                "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
                "--torch-threads", str(torch_threads), "--access-token-file", str(workdir / "access-token")]
-    with open(output_path, "ab") as output, cpu_affinity(server_cpus):
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    ok = False
-    try:
-        yield f"127.0.0.1:{grpc_port}", lambda: _wait_peer_ready(process, output_path)
-        ok = True
-    finally:
-        ok = _stop_peer(process) and ok
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            log.print(f"[yellow]Triton peer output kept in {workdir}[/yellow]")
-
-
-def _wait_peer_ready(process: subprocess.Popen, output_path: Path) -> None:
-    deadline = time.monotonic() + PEER_READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        output = output_path.read_text(errors="replace")
-        if triton_peer.READY_LINE in output:
-            return
-        if process.poll() is not None:
-            raise RuntimeError(f"Triton peer exited with code {process.returncode}:\n{output[-2000:]}")
-        time.sleep(0.2)
-    raise RuntimeError(f"Triton peer not ready after {PEER_READY_TIMEOUT_S:.0f}s; see {output_path}")
-
-
-def _stop_peer(process: subprocess.Popen) -> bool:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-    try:
-        return process.wait(PEER_STOP_TIMEOUT_S) == 0
-    except subprocess.TimeoutExpired:
-        log.print(f"[red]Triton peer (pid {process.pid}) ignored SIGINT for {PEER_STOP_TIMEOUT_S:.0f}s; "
-                  f"killed its process group[/red]")
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        return False
+    with background_server("Triton peer", command, workdir, triton_peer.READY_LINE, server_cpus,
+                           stop_timeout_s=PEER_STOP_TIMEOUT_S) as (_, wait_ready):
+        yield f"127.0.0.1:{grpc_port}", wait_ready
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -203,25 +163,12 @@ def plot(points: list[dict], inprocess: dict[str, dict], title: str, path: Path)
 # -------------------------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration-s", type=float, default=10.0, help="measured seconds per point")
-    parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured seconds before each point")
-    parser.add_argument("--concurrency", default="1,8,32", help="closed-loop clients per point, comma-separated")
-    parser.add_argument("--text-kinds", default="short,long", help="short (~11 tokens), long (~200 tokens)")
-    parser.add_argument("--worker-threads", type=int, default=1,
-                        help="torch threads in tensoryard's worker, the Triton peer and the in-process reference")
-    parser.add_argument("--pin", action="store_true", help="servers and in-process reference on some cores, "
-                                                           "this client on the others")
-    parser.add_argument("--skip-inprocess", action="store_true", help="skip the sentence-transformers reference")
-    args = parser.parse_args(argv)
-    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    args.text_kinds = [k.strip() for k in args.text_kinds.split(",") if k.strip()]
-    if unknown := set(args.text_kinds) - {"short", "long"}:
-        parser.error(f"--text-kinds: unknown {sorted(unknown)}")
-    if not args.concurrency or min(args.concurrency) < 1:
-        parser.error("--concurrency: positive integers")
+    args = parse_load_args(
+        argv, __doc__, worker_threads_default=1,
+        worker_threads_help="torch threads in tensoryard's worker, the Triton peer and the in-process reference",
+    )
     if args.worker_threads < 1:
-        parser.error("--worker-threads: at least 1 (the peer takes an explicit count)")
+        raise SystemExit("--worker-threads: at least 1 (the peer takes an explicit count)")
     return args
 
 

@@ -8,6 +8,7 @@ kept when something went wrong and removed otherwise.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -50,6 +51,31 @@ def free_ports(count: int) -> list[int]:
 
 
 @contextlib.contextmanager
+def background_server(name: str, command: list[str], workdir: Path, ready_line: str,
+                      server_cpus: set[int] | None, stop_timeout_s: float = STOP_TIMEOUT_S):
+    """A server process in its own session, its output in `workdir`; yields a `wait_ready()`.
+
+    The caller waits when it suits it (two servers may start side by side). On the way out it gets
+    SIGINT, then its whole process group SIGKILL if it ignores that; `workdir` is removed unless
+    something went wrong, and then kept for a look.
+    """
+    output_path = workdir / "server.out"
+    with open(output_path, "ab") as output, cpu_affinity(server_cpus):
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    ok = False
+    try:
+        yield process, lambda: _wait_ready(name, process, output_path, ready_line)
+        ok = True
+    finally:
+        ok = _stop(name, process, stop_timeout_s) and ok
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            log.print(f"[yellow]{name} output kept in {workdir}[/yellow]")
+
+
+@contextlib.contextmanager
 def running_stack(worker_threads: int, server_cpus: set[int] | None, with_llm: bool = True,
                   home: Path | None = None):
     """`tensoryard up` in a temporary home; SIGINT on the way out, whatever happens.
@@ -60,47 +86,36 @@ def running_stack(worker_threads: int, server_cpus: set[int] | None, with_llm: b
     """
     home = home or Path(tempfile.mkdtemp(prefix="tensoryard-bench-"))
     ports = free_ports(4)
-    output_path = home / "up.out"
     command = [sys.executable, "-m", "services.cli", "up", "--home", str(home),
                "--router-port", str(ports[0]), "--registry-port", str(ports[1]),
                "--router-metrics-port", str(ports[2]), "--registry-metrics-port", str(ports[3]),
                "--worker-threads", str(worker_threads), *([] if with_llm else ["--no-llm"])]
-    with open(output_path, "ab") as output, cpu_affinity(server_cpus):
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    ok = False
-    try:
-        _wait_ready(process, output_path)
+    with background_server("tensoryard up", command, home, "tensoryard is ready", server_cpus) as (process, wait_ready):
+        wait_ready()
         yield Stack(f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", home, process)
-        ok = True
-    finally:
-        ok = _stop(process) and ok
-        if ok:
-            shutil.rmtree(home, ignore_errors=True)
-        else:
-            log.print(f"[yellow]stack output and logs kept in {home}[/yellow]")
 
 
-def _wait_ready(process: subprocess.Popen, output_path: Path) -> None:
+def _wait_ready(name: str, process: subprocess.Popen, output_path: Path, ready_line: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         output = output_path.read_text(errors="replace")
-        if "tensoryard is ready" in output:
+        if ready_line in output:
             return
         if process.poll() is not None:
-            raise RuntimeError(f"tensoryard up exited with code {process.returncode}:\n{output[-2000:]}")
+            raise RuntimeError(f"{name} exited with code {process.returncode}:\n{output[-2000:]}")
         time.sleep(0.2)
-    raise RuntimeError(f"tensoryard up not ready after {READY_TIMEOUT_S:.0f}s; see {output_path}")
+    raise RuntimeError(f"{name} not ready after {READY_TIMEOUT_S:.0f}s; see {output_path}")
 
 
-def _stop(process: subprocess.Popen) -> bool:
+def _stop(name: str, process: subprocess.Popen, timeout_s: float) -> bool:
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
     try:
-        return process.wait(STOP_TIMEOUT_S) == 0
+        return process.wait(timeout_s) == 0
     except subprocess.TimeoutExpired:
-        log.print(f"[red]tensoryard up (pid {process.pid}) ignored SIGINT for {STOP_TIMEOUT_S:.0f}s; killed[/red]")
-        process.kill()
+        log.print(f"[red]{name} (pid {process.pid}) ignored SIGINT for {timeout_s:.0f}s; "
+                  f"killed its process group[/red]")
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         return False
 
