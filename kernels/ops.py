@@ -28,6 +28,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32: cache blocks of sequence b, padded with 0
     max_seqlen_q: int  # host copies of the maxima, so launchers size grids without a device sync
     max_context_len: int
+    # What a backend derives from the fields above once per step and reuses in every layer
+    # (index tensors, masks); set by the backend on its first call, never by the runner.
+    backend_plan: object | None = None
 
 
 @dataclass(frozen=True, slots=True)
