@@ -210,8 +210,8 @@ class Launcher:
 
     def stop_all(self) -> None:
         """Workers first (they drain and deregister), then the router, then the registry."""
-        order = sorted(self.children, key=lambda c: {"registry": 2, "router": 1}.get(c.role, 0))
-        for group in _groups(order):
+        for rank in sorted({_stop_rank(c) for c in self.children}):
+            group = [c for c in self.children if _stop_rank(c) == rank]
             for child in group:
                 if child.process.poll() is None:
                     child.process.send_signal(signal.SIGTERM)
@@ -226,11 +226,8 @@ class Launcher:
         self.children.clear()
 
 
-def _groups(children: list[Child]) -> list[list[Child]]:
-    groups: dict[int, list[Child]] = {}
-    for child in children:
-        groups.setdefault({"registry": 2, "router": 1}.get(child.role, 0), []).append(child)
-    return [groups[k] for k in sorted(groups)]
+def _stop_rank(child: Child) -> int:
+    return {"router": 1, "registry": 2}.get(child.role, 0)  # workers 0
 
 
 class _StartFailed(Exception):

@@ -57,18 +57,17 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         return model_to_proto(model, [])
 
     async def GetModel(self, request, context):
-        return await asyncio.to_thread(self._model_proto, request.name)
+        model = await asyncio.to_thread(self._store.get_model, request.name)
+        return await asyncio.to_thread(self._model_proto, model)
 
     async def ListModels(self, request, context):
-        models = await asyncio.to_thread(self._store.list_models)
-        return registry_pb2.ListModelsResponse(
-            models=[await asyncio.to_thread(self._model_proto, m.name) for m in models]
-        )
+        def all_models():
+            return [self._model_proto(m) for m in self._store.list_models()]
 
-    def _model_proto(self, name: str) -> registry_pb2.Model:
-        model = self._store.get_model(name)
-        versions = [v.version for v in self._store.list_versions(name)]
-        return model_to_proto(model, versions)
+        return registry_pb2.ListModelsResponse(models=await asyncio.to_thread(all_models))
+
+    def _model_proto(self, model: ModelRecord) -> registry_pb2.Model:
+        return model_to_proto(model, self._store.version_numbers(model.name))
 
     async def UploadBlob(self, request_iterator, context):
         # Chunks arrive on the loop; hashing and writing happen in a thread fed by a queue.

@@ -33,6 +33,15 @@ SERVER_VERSION = "0.1.0"
 SERVER_EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data"]
 
 
+def admit(state: WorkerState, request, context, kind: type | None = None):
+    """Every inference call's first steps: log under the request's id, check it names this
+    worker's model (of the API's kind), refuse it while loading or draining. Returns the model."""
+    bind_request(request_id_from(request.id, context), request.model_name, request.model_version)
+    model = check_model(state, request.model_name, request.model_version, kind)
+    state.check_accepting()
+    return model
+
+
 def check_model(state: WorkerState, name: str, version: str, kind: type | None = None):
     model = state.model
     if model is None or name != model.name:
@@ -82,9 +91,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStatisticsResponse(model_stats=[model_views.model_statistics(model, model.statistics())])
 
     async def ModelInfer(self, request, context):
-        bind_request(request_id_from(request.id, context), request.model_name, request.model_version)
-        model = check_model(self._state, request.model_name, request.model_version)
-        self._state.check_accepting()
+        model = admit(self._state, request, context)
         with self._state.track_request():
             return await model.infer(request, context.time_remaining())
 
@@ -115,9 +122,7 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
         self._state = state
 
     async def Generate(self, request, context):
-        bind_request(request_id_from(request.id, context), request.model_name, request.model_version)
-        model = check_model(self._state, request.model_name, request.model_version, GenerationModel)
-        self._state.check_accepting()
+        model = admit(self._state, request, context, GenerationModel)
         overrides = _sampling_overrides(request.sampling)
         if request.WhichOneof("input") == "messages":
             messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
@@ -168,9 +173,7 @@ class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
         self._state = state
 
     async def Embed(self, request, context):
-        bind_request(request_id_from(request.id, context), request.model_name, request.model_version)
-        model = check_model(self._state, request.model_name, request.model_version, EmbeddingModel)
-        self._state.check_accepting()
+        model = admit(self._state, request, context, EmbeddingModel)
         job = model.job_from_texts(list(request.texts))
         with self._state.track_request():
             embeddings = await model.embed(job)
