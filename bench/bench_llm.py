@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import random
@@ -136,18 +137,19 @@ async def measure_serving(targets: dict[str, str], prompts: list[Prompt], args: 
     from protos.tensoryard.v1 import generation_pb2_grpc
 
     channels = {target: grpc.aio.insecure_channel(address) for target, address in targets.items()}
-    stubs = {target: generation_pb2_grpc.TextGenerationStub(channel) for target, channel in channels.items()}
+    calls = {target: functools.partial(traced_generate, generation_pb2_grpc.TextGenerationStub(channel))
+             for target, channel in channels.items()}
     source = RequestSource(prompts, args.max_tokens)
     results: dict = {"closed_loop": [], "open_loop": [], "arrivals_s": {}}
     try:
         check_traces: list = []
-        await traced_generate(stubs["router"], source(), check_traces)  # prompt 0, also a warm-up
+        await calls["router"](source(), check_traces)  # prompt 0, also a warm-up
         results["check"] = _check(check_traces[0], prompts[0], args.max_tokens, reference_tokens)
         for concurrency in args.concurrency:
             for target in ("router", "direct"):
                 async with polling_worker_stats(channels["direct"], STATS_POLL_INTERVAL_S) as samples:
                     traces, start_s, end_s = await closed_loop_point(
-                        stubs[target], source, concurrency, args.duration_s, args.warmup_s)
+                        calls[target], source, concurrency, args.duration_s, args.warmup_s)
                 point = {"target": target, "concurrency": concurrency,
                          **summarize(traces, start_s, end_s, args.max_tokens),
                          **peak_stats(samples, start_s, end_s), "load_avg_1m_after": os.getloadavg()[0]}
@@ -158,7 +160,7 @@ async def measure_serving(targets: dict[str, str], prompts: list[Prompt], args: 
             arrivals_s = poisson_arrivals_s(rate, args.open_loop_s, args.seed + 1000 + index)
             async with polling_worker_stats(channels["direct"], STATS_POLL_INTERVAL_S) as samples:
                 traces, start_s, end_s = await open_loop_point(
-                    stubs["router"], source, arrivals_s, args.open_loop_s, args.drain_timeout_s)
+                    calls["router"], source, arrivals_s, args.open_loop_s, args.drain_timeout_s)
             point = {"target": "router", "rate_per_s": rate, "num_arrivals": len(arrivals_s),
                      **summarize(traces, start_s, end_s, args.max_tokens, latency_over_all=True),
                      **peak_stats(samples, start_s, end_s), "load_avg_1m_after": os.getloadavg()[0]}
@@ -171,14 +173,15 @@ async def measure_serving(targets: dict[str, str], prompts: list[Prompt], args: 
     return results
 
 
-def resolve_rates(rates: list[float] | None, closed_points: list[dict], max_tokens: int) -> list[float]:
-    """The given rates, or fractions of the router's best closed-loop request rate."""
+def resolve_rates(rates: list[float] | None, closed_points: list[dict], max_tokens: int,
+                  target: str = "router") -> list[float]:
+    """The given rates, or fractions of the target's best closed-loop request rate."""
     if rates:
         return rates
-    best_per_s = max((p["output_tokens_per_s"] / max_tokens for p in closed_points if p["target"] == "router"),
+    best_per_s = max((p["output_tokens_per_s"] / max_tokens for p in closed_points if p["target"] == target),
                      default=0.0)
     if best_per_s <= 0:
-        raise RuntimeError("--rates auto: the router's closed-loop points produced no tokens")
+        raise RuntimeError(f"--rates auto: {target}'s closed-loop points produced no tokens")
     return [round(best_per_s * fraction, 3) for fraction in AUTO_RATE_FRACTIONS]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -30,12 +30,17 @@ class RequestTrace:
     sent_at_s: float  # perf_counter clock, as are all times here
     # (arrival time, number of tokens) per response that carried tokens
     chunks: list[tuple[float, int]] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # where the server sends ids (tensoryard)
+    text: str = ""
     finished_at_s: float | None = None
     finish_reason: str = ""
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0
     error: str = ""
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(num_tokens for _, num_tokens in self.chunks)
 
     @property
     def ttft_s(self) -> float | None:
@@ -50,19 +55,18 @@ class RequestTrace:
         return gaps
 
 
-async def traced_generate(stub, request, traces: list[RequestTrace]) -> RequestTrace:
-    """One streaming Generate call, timed; the trace joins `traces` as soon as it starts."""
+# A traced call runs one streaming request and fills its trace: traced_call(request, traces).
+TracedCall = Callable[[object, list[RequestTrace]], Awaitable[RequestTrace]]
+
+
+@contextlib.asynccontextmanager
+async def tracing(traces: list[RequestTrace]):
+    """A new trace, in `traces` as soon as the request starts; the block streams into it. Its end
+    time is set when the block completes, its error when it raises (the error goes on)."""
     trace = RequestTrace(sent_at_s=time.perf_counter())
     traces.append(trace)
     try:
-        async for response in stub.Generate(request):
-            if response.token_ids:
-                trace.chunks.append((time.perf_counter(), len(response.token_ids)))
-                trace.token_ids.extend(response.token_ids)
-            if response.finish_reason:
-                trace.finish_reason = response.finish_reason
-                trace.num_prompt_tokens = response.usage.prompt_tokens
-                trace.num_cached_prompt_tokens = response.usage.cached_prompt_tokens
+        yield trace
         trace.finished_at_s = time.perf_counter()
     except asyncio.CancelledError:
         trace.error = "cancelled"
@@ -73,6 +77,20 @@ async def traced_generate(stub, request, traces: list[RequestTrace]) -> RequestT
     except Exception as error:
         trace.error = f"{type(error).__name__}: {error}"
         raise
+
+
+async def traced_generate(stub, request, traces: list[RequestTrace]) -> RequestTrace:
+    """One streaming Generate call, timed (bind the stub with functools.partial for a TracedCall)."""
+    async with tracing(traces) as trace:
+        async for response in stub.Generate(request):
+            if response.token_ids:
+                trace.chunks.append((time.perf_counter(), len(response.token_ids)))
+                trace.token_ids.extend(response.token_ids)
+            trace.text += response.text
+            if response.finish_reason:
+                trace.finish_reason = response.finish_reason
+                trace.num_prompt_tokens = response.usage.prompt_tokens
+                trace.num_cached_prompt_tokens = response.usage.cached_prompt_tokens
     return trace
 
 
@@ -102,7 +120,7 @@ def summarize(traces: list[RequestTrace], window_start_s: float, window_end_s: f
         "first_error": errors[0] if errors else "",
         "num_cancelled": sum(t.error == "cancelled" for t in traces),
         # ignore_eos and a fixed max_tokens: any other count means the server cut a request short
-        "num_wrong_length": sum(len(t.token_ids) != num_output_tokens for t in finished),
+        "num_wrong_length": sum(t.num_output_tokens != num_output_tokens for t in finished),
         "output_tokens_per_s": tokens_in_window / duration_s,
         "requests_per_s": len(finished_in_window) / duration_s,
         "ttft_p50_ms": _percentile_ms(ttfts_s, 50),
@@ -123,14 +141,14 @@ def _percentile_ms(values_s: list[float], percentile: float) -> float | None:
 
 # ------------------------------------------------------------------------------------------- loops
 
-async def closed_loop_point(stub, next_request: Callable[[], object], concurrency: int, duration_s: float,
-                            warmup_s: float) -> tuple[list[RequestTrace], float, float]:
-    """N tasks, each streaming one Generate at a time (bench/loadgen.py); traces and the window."""
+async def closed_loop_point(traced_call: TracedCall, next_request: Callable[[], object], concurrency: int,
+                            duration_s: float, warmup_s: float) -> tuple[list[RequestTrace], float, float]:
+    """N tasks, each streaming one request at a time (bench/loadgen.py); traces and the window."""
     traces: list[RequestTrace] = []
 
     async def send(_: int) -> None:
         try:
-            await traced_generate(stub, next_request(), traces)
+            await traced_call(next_request(), traces)
         except Exception:
             await asyncio.sleep(ERROR_PAUSE_S)  # counted by closed_loop; no tight loop on a dead server
             raise
@@ -148,8 +166,8 @@ def poisson_arrivals_s(rate_per_s: float, duration_s: float, seed: int) -> list[
     return arrivals
 
 
-async def open_loop_point(stub, next_request: Callable[[], object], arrivals_s: list[float], duration_s: float,
-                          drain_timeout_s: float) -> tuple[list[RequestTrace], float, float]:
+async def open_loop_point(traced_call: TracedCall, next_request: Callable[[], object], arrivals_s: list[float],
+                          duration_s: float, drain_timeout_s: float) -> tuple[list[RequestTrace], float, float]:
     """Sends at the given offsets whatever is in flight; after duration_s, waits up to
     drain_timeout_s for the stragglers and cancels the rest (their traces say "cancelled")."""
     traces: list[RequestTrace] = []
@@ -158,7 +176,7 @@ async def open_loop_point(stub, next_request: Callable[[], object], arrivals_s: 
     for offset_s in arrivals_s:
         if (delay_s := start_s + offset_s - time.perf_counter()) > 0:
             await asyncio.sleep(delay_s)
-        tasks.append(asyncio.create_task(traced_generate(stub, next_request(), traces)))
+        tasks.append(asyncio.create_task(traced_call(next_request(), traces)))
     if (rest_s := start_s + duration_s - time.perf_counter()) > 0:
         await asyncio.sleep(rest_s)
     if tasks:
