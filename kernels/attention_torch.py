@@ -16,8 +16,11 @@ attention itself.
 Which rows decode, which blocks they read and their length masks are the same in every layer of
 a step: they are worked out once, on the first layer's call, and kept on the step's metadata.
 
-Memory traffic: the gather copies `B * L_max * Hkv * D` keys and values per layer; mixed lengths
-pad to the longest decode sequence of the step.
+Memory traffic: the gather copies `rows * L_max * Hkv * D` keys and values per layer and call,
+and every row pads to the longest of its call. With prompts of 40 to 300 tokens, one call for 32
+decode rows copied and attended over ~45% padding; so the rows are sorted by length and split into
+groups of similar length (`_length_groups`), one gather and one SDPA call each. On the 2-core CPU
+this took a 32-sequence decode step of SmolLM2-135M from about 112 to 100 ms.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ class _DecodePlan:
     lens: torch.Tensor  # [B] context lengths
     max_len: int
     visible: torch.Tensor  # [B, max_len] keys within each sequence's length
+    # visible as SDPA's additive mask [B, 1, 1, max_len]: converted once, not in every layer's call
+    additive_mask: torch.Tensor
+    # Where every layer's gather lands: allocated once per step, not once per layer.
+    k_gathered: torch.Tensor  # [B * num_blocks, block_size * Hkv * D]
+    v_gathered: torch.Tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +60,13 @@ class _PrefillChunk:
 
 @dataclass(frozen=True, slots=True)
 class _StepPlan:
-    decode: _DecodePlan | None
+    decode: tuple[_DecodePlan, ...]  # one per group of decode rows of similar length
     prefill: tuple[_PrefillChunk, ...]
+
+
+# Each extra group saves padding but costs two more gathers and one more SDPA call per layer.
+_MAX_DECODE_GROUPS = 4
+_MIN_ROWS_PER_GROUP = 8
 
 
 def paged_attention_torch(
@@ -66,16 +79,17 @@ def paged_attention_torch(
 ) -> torch.Tensor:
     plan = metadata.backend_plan
     if not isinstance(plan, _StepPlan):  # first layer of the step: plan once for all layers
-        plan = metadata.backend_plan = _plan(metadata, k_cache.shape[1], q.device)
+        plan = metadata.backend_plan = _plan(metadata, k_cache)
     out = torch.empty_like(q)
-    if plan.decode is not None:
-        _decode(q, k_cache, v_cache, plan.decode, scale, sliding_window, out)
+    for decode in plan.decode:
+        _decode(q, k_cache, v_cache, decode, scale, sliding_window, out)
     for chunk in plan.prefill:
         _prefill_one(q, k_cache, v_cache, chunk, scale, sliding_window, out)
     return out
 
 
-def _plan(metadata: AttentionMetadata, block_size: int, device: torch.device) -> _StepPlan:
+def _plan(metadata: AttentionMetadata, k_cache: torch.Tensor) -> _StepPlan:
+    block_size = k_cache.shape[1]
     cu_seqlens = metadata.cu_seqlens_q.tolist()
     context_lens = metadata.context_lens.tolist()
     decode, prefill = [], []
@@ -87,27 +101,52 @@ def _plan(metadata: AttentionMetadata, block_size: int, device: torch.device) ->
             num_blocks = -(-context_len // block_size)
             block_ids = metadata.block_tables[b, :num_blocks].long()
             prefill.append(_PrefillChunk(cu_seqlens[b], cu_seqlens[b + 1], context_len, block_ids))
-    decode_plan = None
-    if decode:
-        lens = torch.tensor([context_lens[b] for b in decode], device=device)
-        max_len = max(context_lens[b] for b in decode)
-        num_blocks = -(-max_len // block_size)
-        rows = torch.tensor(decode, device=device)
-        tables = metadata.block_tables.index_select(0, rows)[:, :num_blocks].long()
-        decode_plan = _DecodePlan(
-            q_rows=torch.tensor([cu_seqlens[b] for b in decode], device=device),
-            block_ids=tables.reshape(-1),
-            num_blocks=num_blocks,
-            lens=lens,
-            max_len=max_len,
-            visible=torch.arange(max_len, device=device)[None, :] < lens[:, None],
-        )
-    return _StepPlan(decode_plan, tuple(prefill))
+    groups = _length_groups(decode, context_lens)
+    decode_plans = tuple(_decode_plan(group, cu_seqlens, context_lens, metadata.block_tables, k_cache)
+                         for group in groups)
+    return _StepPlan(decode_plans, tuple(prefill))
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor, batch: int, num_tokens: int) -> torch.Tensor:
-    """Blocks of `batch` sequences, in order -> [batch, num_tokens, Hkv, D] (the first num_tokens slots)."""
-    gathered = cache.index_select(0, block_ids)  # [batch * num_blocks, block_size, Hkv, D]
+def _length_groups(rows: list[int], context_lens: list[int]) -> list[list[int]]:
+    """Decode rows sorted by context length, in up to _MAX_DECODE_GROUPS groups of equal size."""
+    if not rows:
+        return []
+    rows = sorted(rows, key=context_lens.__getitem__)
+    num_groups = max(1, min(_MAX_DECODE_GROUPS, len(rows) // _MIN_ROWS_PER_GROUP))
+    size = -(-len(rows) // num_groups)
+    return [rows[start : start + size] for start in range(0, len(rows), size)]
+
+
+def _decode_plan(rows: list[int], cu_seqlens: list[int], context_lens: list[int], block_tables: torch.Tensor,
+                 k_cache: torch.Tensor) -> _DecodePlan:
+    device, block_size = k_cache.device, k_cache.shape[1]
+    lens = torch.tensor([context_lens[b] for b in rows], device=device)
+    max_len = max(context_lens[b] for b in rows)
+    num_blocks = -(-max_len // block_size)
+    tables = block_tables.index_select(0, torch.tensor(rows, device=device))[:, :num_blocks].long()
+    visible = torch.arange(max_len, device=device)[None, :] < lens[:, None]
+    return _DecodePlan(
+        q_rows=torch.tensor([cu_seqlens[b] for b in rows], device=device),
+        block_ids=tables.reshape(-1),
+        num_blocks=num_blocks,
+        lens=lens,
+        max_len=max_len,
+        visible=visible,
+        additive_mask=torch.zeros(visible.shape, dtype=k_cache.dtype, device=device).masked_fill_(
+            ~visible, float("-inf"))[:, None, None, :],
+        k_gathered=k_cache.new_empty(len(rows) * num_blocks, k_cache[0].numel()),
+        v_gathered=k_cache.new_empty(len(rows) * num_blocks, k_cache[0].numel()),
+    )
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, batch: int, num_tokens: int,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Blocks of `batch` sequences, in order -> [batch, num_tokens, Hkv, D] (the first num_tokens slots).
+
+    Whole blocks are copied as rows of a 2-D view, into `out` when given: index_select over the 4-D
+    cache, into a fresh tensor, took 4x (2-D) to 15x (and `out`) as long for a decode step's blocks."""
+    rows = cache.view(cache.shape[0], -1)  # [num_blocks, block_size * Hkv * D]
+    gathered = torch.index_select(rows, 0, block_ids, out=out) if out is not None else rows.index_select(0, block_ids)
     return gathered.view(batch, -1, *cache.shape[2:])[:, :num_tokens]
 
 
@@ -115,16 +154,14 @@ def _decode(q, k_cache, v_cache, plan: _DecodePlan, scale, sliding_window, out):
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     batch = plan.q_rows.shape[0]
-    k = _gather(k_cache, plan.block_ids, batch, plan.max_len).transpose(1, 2)  # [B, Hkv, L, D]
-    v = _gather(v_cache, plan.block_ids, batch, plan.max_len).transpose(1, 2)
+    k = _gather(k_cache, plan.block_ids, batch, plan.max_len, plan.k_gathered).transpose(1, 2)  # [B, Hkv, L, D]
+    v = _gather(v_cache, plan.block_ids, batch, plan.max_len, plan.v_gathered).transpose(1, 2)
     queries = q.index_select(0, plan.q_rows).view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    visible = plan.visible
+    mask = plan.additive_mask
     if sliding_window is not None:  # per layer: models may mix windowed and full layers
         positions = torch.arange(plan.max_len, device=q.device)[None, :]
-        visible = visible & (positions >= (plan.lens[:, None] - sliding_window))
-    attended = F.scaled_dot_product_attention(
-        queries, k, v, attn_mask=visible[:, None, None, :], scale=scale
-    )  # [B, Hkv, group, D]
+        mask = (plan.visible & (positions >= (plan.lens[:, None] - sliding_window)))[:, None, None, :]
+    attended = F.scaled_dot_product_attention(queries, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, group, D]
     out.index_copy_(0, plan.q_rows, attended.reshape(batch, num_heads, head_dim).to(q.dtype))
 
 

@@ -52,13 +52,13 @@ def torch_ops() -> Ops:
     from kernels.activation import silu_and_mul_ref
     from kernels.attention_torch import paged_attention_torch
     from kernels.kv_write import write_kv_ref
-    from kernels.rmsnorm import rmsnorm_ref
-    from kernels.rope import rope_ref
+    from kernels.rmsnorm import rmsnorm_torch
+    from kernels.rope import RopeTorch
 
     return Ops(
         name="torch",
-        rmsnorm=rmsnorm_ref,
-        rope=rope_ref,
+        rmsnorm=rmsnorm_torch,
+        rope=RopeTorch(),  # one per Ops, so per model: it keeps the step's tables
         silu_and_mul=silu_and_mul_ref,
         write_kv=write_kv_ref,
         paged_attention=paged_attention_torch,

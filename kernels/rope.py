@@ -31,3 +31,26 @@ def rope_ref(
     cos = torch.cat((cos, cos), dim=-1).unsqueeze(1).to(q.dtype)  # [N, 1, head_dim]
     sin = torch.cat((sin, sin), dim=-1).unsqueeze(1).to(q.dtype)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+class RopeTorch:
+    """`rope_ref` with the cos/sin rows gathered once per step, not once per layer.
+
+    Every layer of a step passes the same `positions` tensor; the last one seen is kept (a
+    reference, so its identity cannot be reused by another tensor) with its tables."""
+
+    def __init__(self) -> None:
+        self._positions: torch.Tensor | None = None
+        self._cache: torch.Tensor | None = None
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions is not self._positions or cos_sin_cache is not self._cache or self._tables[0].dtype != q.dtype:
+            cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [N, head_dim // 2] each
+            self._tables = (torch.cat((cos, cos), dim=-1).unsqueeze(1).to(q.dtype),  # [N, 1, head_dim]
+                            torch.cat((sin, sin), dim=-1).unsqueeze(1).to(q.dtype))
+            self._positions, self._cache = positions, cos_sin_cache
+        cos, sin = self._tables
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

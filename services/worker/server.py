@@ -22,6 +22,7 @@ from services.common.errors import IntegrityError
 from services.common.grpc_server import GrpcHost, aio_channel, install_signal_handlers
 from services.common.telemetry import get_logger, start_metrics_server
 from services.worker.loading import load_model, warm_up
+from services.worker.malloc_tuning import keep_freed_memory
 from services.worker.model_files import fetch_version
 from services.worker.servicer import (
     EmbeddingsServicer,
@@ -145,4 +146,5 @@ class Worker:
 
 
 async def serve(config: WorkerConfig) -> int:
+    keep_freed_memory()  # before the model loads: its allocations follow the new settings
     return await Worker(config).run()

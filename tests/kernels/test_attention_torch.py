@@ -47,6 +47,9 @@ CASES = {
     "chunked prefill after a cached prefix": [(6, 17), (3, 9)],
     "mixed": [(1, 40), (9, 9), (1, 3), (4, 22), (1, 1)],
     "one long decode among short": [(1, 2), (1, 97), (1, 5)],
+    # Enough decode rows to be split into length groups, in an order that is not sorted by length.
+    "many decodes of mixed lengths": [(1, (7 * i) % 61 + 1) for i in range(37)],
+    "many decodes beside a prefill": [(1, (5 * i) % 29 + 1) for i in range(20)] + [(7, 12)],
 }
 
 
