@@ -44,3 +44,27 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] @ weight.T + bias, with the weight from `pack`."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class PackedLinear(torch.nn.Module):
+    """An `nn.Linear` whose weight lives only in the reordered layout."""
+
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.packed_weight = packed
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.packed_weight, self.bias)
+
+
+def pack_linear_layers(model: torch.nn.Module) -> int:
+    """Swaps every `nn.Linear` of `model` whose weight can be packed for a PackedLinear; returns how many."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and (packed := pack(child.weight)) is not None:
+                bias = None if child.bias is None else child.bias.detach()
+                setattr(parent, name, PackedLinear(packed, bias))
+                swapped += 1
+    return swapped

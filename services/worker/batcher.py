@@ -186,6 +186,8 @@ class _Request:
     num_items: int
     enqueued_ns: int
     future: Future = field(default_factory=Future)
+    # An asyncio caller's future and its loop; settled from `future` on that loop (_wake_waiters).
+    waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
 
 
 class DynamicBatcher:
@@ -225,6 +227,10 @@ class DynamicBatcher:
 
     def submit(self, payload: Any, num_items: int) -> Future:
         """Queues one request of `num_items` items; the future holds its result or error."""
+        return self._enqueue(payload, num_items, waiter=None)
+
+    def _enqueue(self, payload: Any, num_items: int,
+                 waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None) -> Future:
         max_batch_size = self.config.max_batch_size
         is_int = isinstance(num_items, int) and not isinstance(num_items, bool)
         if not is_int or not 1 <= num_items <= max_batch_size:
@@ -241,7 +247,7 @@ class DynamicBatcher:
                     f"batcher {self.name!r} queue is full: {len(self._queue)} requests waiting, "
                     f"max_queue_size={max_queue_size}"
                 )
-            request = _Request(payload, num_items, time.monotonic_ns(), future)
+            request = _Request(payload, num_items, time.monotonic_ns(), future, waiter)
             self._queue.append(request)
             self._cond.notify()
         # Added outside the lock: the callback takes the lock, and a future cancelled in the
@@ -250,10 +256,15 @@ class DynamicBatcher:
         return future
 
     async def submit_async(self, payload: Any, num_items: int) -> Any:
-        """submit() for asyncio callers; cancelling the awaiting task withdraws a queued request."""
-        future = self.submit(payload, num_items)
+        """submit() for asyncio callers; cancelling the awaiting task withdraws a queued request.
+
+        The batcher wakes each event loop once per batch for all of its requests, where
+        `asyncio.wrap_future` would wake it once per request (a self-pipe write each)."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        future = self._enqueue(payload, num_items, (loop, waiter))
         try:
-            return await asyncio.wrap_future(future)
+            return await waiter
         except asyncio.CancelledError:
             # A request already executing cannot be withdrawn; its result is simply dropped.
             future.cancel()
@@ -281,6 +292,7 @@ class DynamicBatcher:
                 request.future.set_exception(
                     Unavailable(f"batcher {self.name!r} closed before the request ran")
                 )
+        _wake_waiters(abandoned)
 
     def _forget_if_cancelled(self, request: _Request, future: Future) -> None:
         # Frees the queue slot now rather than when the worker reaches it, so a cancelled request
@@ -382,3 +394,32 @@ class DynamicBatcher:
                 request.future.set_result(result)
             else:
                 request.future.set_exception(result)
+        _wake_waiters(batch)
+
+
+def _wake_waiters(requests: list[_Request]) -> None:
+    """Settles the asyncio waiters of finished requests: one callback per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
+    for request in requests:
+        if request.waiter is not None:
+            by_loop.setdefault(request.waiter[0], []).append(request)
+    for loop, loop_requests in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_waiters, loop_requests)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _settle_waiters(requests: list[_Request]) -> None:
+    """On the waiters' loop: each waiter takes its request's outcome (unless it gave up already)."""
+    for request in requests:
+        _, waiter = request.waiter
+        if waiter.done():
+            continue
+        future = request.future
+        if future.cancelled():
+            waiter.cancel()
+        elif (error := future.exception()) is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(future.result())

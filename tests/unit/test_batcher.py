@@ -120,6 +120,32 @@ def test_submit_async_returns_the_result(make_batcher):
     assert asyncio.run(main()) == [f"done:a{i}" for i in range(6)]
 
 
+def test_async_callers_of_one_batch_are_woken_once_and_get_their_own_outcomes(make_batcher):
+    def run(payload):
+        return ValueError("bad") if payload[0] == "bad" else result_for(payload)
+
+    execute = RecordingExecute(gated=True, run=run)
+    batcher = make_batcher(execute, max_batch_size=4)
+    hold_worker(batcher, execute)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        call_soon_threadsafe = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args: wakeups.append(args) or call_soon_threadsafe(*args)
+        calls = [asyncio.create_task(batcher.submit_async(item(name), 1)) for name in ("a", "bad", "c")]
+        while batcher.queue_depth < 3:
+            await asyncio.sleep(0.001)
+        execute.release.set()
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        return outcomes, len(wakeups)
+
+    (first, bad, third), num_wakeups = asyncio.run(main())
+    assert (first, third) == ("done:a", "done:c")
+    assert isinstance(bad, ValueError)
+    assert num_wakeups == 1  # one batch, one loop: one wakeup for its three callers
+
+
 # --- batch formation ----------------------------------------------------------------------------
 
 
