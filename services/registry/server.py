@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from protos.tensoryard.v1 import discovery_pb2_grpc, registry_pb2_grpc
+from services.common.gc_tuning import freeze_startup_objects
 from services.common.config import RegistryConfig
 from services.common.grpc_server import GrpcHost, install_signal_handlers
 from services.common.telemetry import get_logger, start_metrics_server
@@ -47,6 +48,7 @@ async def serve(config: RegistryConfig) -> None:
         "tensoryard.v1.Discovery",
     )
     port = await host.start(config.host, config.port)
+    freeze_startup_objects()
     await host.set_serving(True)
     sweeper = asyncio.create_task(_expire_leases(catalog))
     log.info("registry_ready", address=f"{config.host}:{port}", metrics_port=metrics_port,

@@ -7,6 +7,7 @@ import asyncio
 # Imported for their descriptors: reflection describes every service the router serves.
 from protos.inference import grpc_service_pb2  # noqa: F401
 from protos.tensoryard.v1 import embeddings_pb2, generation_pb2  # noqa: F401
+from services.common.gc_tuning import freeze_startup_objects
 from services.common.config import RouterConfig
 from services.common.discovery import DiscoveryClient
 from services.common.grpc_server import GrpcHost, aio_channel, install_signal_handlers
@@ -35,6 +36,7 @@ async def serve(config: RouterConfig) -> None:
     synced = asyncio.create_task(pool.synced.wait())
     await asyncio.wait([synced, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     if pool.synced.is_set():
+        freeze_startup_objects()
         await host.set_serving(True)
         log.info("router_ready", address=f"{config.host}:{port}")
     await stop.wait()

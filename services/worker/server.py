@@ -16,6 +16,7 @@ import uuid
 
 from protos.inference import grpc_service_pb2_grpc
 from protos.tensoryard.v1 import discovery_pb2, embeddings_pb2_grpc, generation_pb2_grpc, worker_pb2_grpc
+from services.common.gc_tuning import freeze_startup_objects
 from services.common.config import WorkerConfig
 from services.common.discovery import DiscoveryClient, Registration
 from services.common.errors import IntegrityError
@@ -121,6 +122,7 @@ class Worker:
             return EXIT_LOAD_FAILED
         self.state.model = model
         self.state.phase = Phase.SERVING
+        freeze_startup_objects()
         await self.host.set_serving(True)
         return 0
 
