@@ -172,6 +172,13 @@ def _prefill_one(q, k_cache, v_cache, chunk: _PrefillChunk, scale, sliding_windo
     k = _gather(k_cache, chunk.block_ids, 1, context_len).transpose(1, 2)  # [1, Hkv, L, D]
     v = _gather(v_cache, chunk.block_ids, 1, context_len).transpose(1, 2)
     queries = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+    if num_new == context_len and sliding_window is None:
+        # A whole prompt with nothing cached: plain causal attention, no mask to build or read.
+        attended = F.scaled_dot_product_attention(
+            queries, k, v, is_causal=True, scale=scale, enable_gqa=num_heads != num_kv_heads
+        )
+        out[chunk.start : chunk.end] = attended[0].transpose(0, 1).to(q.dtype)
+        return
     q_pos = torch.arange(context_len - num_new, context_len, device=q.device)[:, None]
     k_pos = torch.arange(context_len, device=q.device)[None, :]
     visible = k_pos <= q_pos
