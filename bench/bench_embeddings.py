@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import signal
@@ -35,13 +34,13 @@ from rich.table import Table
 
 from bench.loadgen import closed_loop
 from bench.machine import cpu_affinity, machine_info, split_cpus
+from bench.result_files import write_json
 from bench.stack import running_stack, worker_address
 
 MODEL = "all-MiniLM-L6-v2"
 EMBEDDING_DIM = 384
 INPROCESS_BATCH_SIZE = 32
 LONG_TEXT_TOKENS = 200  # the model truncates at 256; stay below so every layer sees the same length
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 log = Console(stderr=True)
 
@@ -298,20 +297,6 @@ def print_inprocess_table(console: Console, inprocess: dict[str, dict]) -> None:
     console.print(reference)
 
 
-def result_path(name: str, created: datetime, suffix: str) -> Path:
-    """bench/results/<name>-<UTC>.<suffix>; the folder is made if missing."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    return RESULTS_DIR / f"{name}-{created.strftime('%Y%m%dT%H%M%SZ')}.{suffix}"
-
-
-def write_json(report: dict, created: datetime, name: str = "embeddings") -> Path:
-    path = result_path(name, created, "json")
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    partial.replace(path)
-    return path
-
-
 # --------------------------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -394,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "points": points,
         "comparisons": comparisons,
     }
-    log.print(f"wrote {write_json(report, created)}")
+    log.print(f"wrote {write_json(report, created, 'embeddings')}")
     return 0
 
 

@@ -44,10 +44,9 @@ from bench.bench_embeddings import (
     parse_load_args,
     print_inprocess_table,
     print_pair_table,
-    result_path,
-    write_json,
 )
 from bench.machine import cpu_affinity, machine_info, split_cpus
+from bench.result_files import result_path, write_json
 from bench.peers import triton_peer
 from bench.stack import background_server, free_ports, running_stack
 

@@ -45,12 +45,13 @@ from pathlib import Path
 import grpc
 from rich.console import Console
 
-from bench.bench_embeddings import short_texts, write_json
+from bench.bench_embeddings import short_texts
 from bench.llm_report import MODEL, compare, format_ms, format_pct, print_tables, simulate
 from bench.llm_load import (closed_loop_point, open_loop_point, peak_stats, poisson_arrivals_s, polling_worker_stats,
                             summarize, traced_generate)
 from bench.llm_reference import measure_engine_only, measure_transformers, set_torch_threads
 from bench.machine import cpu_affinity, machine_info, split_cpus
+from bench.result_files import write_json
 from bench.stack import running_stack, worker_address
 
 MIN_PROMPT_TOKENS, MAX_PROMPT_TOKENS = 32, 300  # with the chat template (its system prompt is ~30)
@@ -225,25 +226,22 @@ def _numbers(text: str, kind) -> list:
     return [kind(part) for part in text.split(",") if part.strip()]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration-s", type=float, default=30.0, help="measured seconds per closed-loop point")
+def add_load_arguments(parser: argparse.ArgumentParser, duration_s: float, concurrency_help: str,
+                       auto_rates_of: str) -> None:
+    """The load's options, shared with bench_llm_peers: points, rates, output length, seed."""
+    parser.add_argument("--duration-s", type=float, default=duration_s, help="measured seconds per closed-loop point")
     parser.add_argument("--warmup-s", type=float, default=5.0, help="unmeasured seconds before each closed-loop point")
-    parser.add_argument("--concurrency", default="1,8,32",
-                        help="closed-loop clients per point, and the static batch sizes, comma-separated")
+    parser.add_argument("--concurrency", default="1,8,32", help=concurrency_help)
     parser.add_argument("--rates", default="auto",
                         help="open-loop Poisson rates in requests/s, comma-separated; 'auto': "
-                             f"{', '.join(f'{f:g}' for f in AUTO_RATE_FRACTIONS)} x the router's best closed-loop rate")
+                             f"{', '.join(f'{f:g}' for f in AUTO_RATE_FRACTIONS)} x {auto_rates_of}")
     parser.add_argument("--open-loop-s", type=float, help="seconds of arrivals per rate (default: --duration-s)")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
-    parser.add_argument("--worker-threads", type=int, default=0,
-                        help="torch threads in the worker and the in-process runs (0: torch's default)")
-    parser.add_argument("--pin", action="store_true",
-                        help="servers and in-process runs on some cores, this client on the others")
-    parser.add_argument("--skip-transformers", action="store_true", help="skip the transformers reference")
-    parser.add_argument("--skip-engine-only", action="store_true", help="skip the in-process engine point")
     parser.add_argument("--seed", type=int, default=0, help="prompts and arrival times")
-    args = parser.parse_args(argv)
+
+
+def finish_load_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Parses the lists and checks the load's options in place (parser.error on bad ones)."""
     args.concurrency = sorted(set(_numbers(args.concurrency, int)))
     args.rates = None if args.rates.strip() == "auto" else _numbers(args.rates, float)
     args.open_loop_s = args.open_loop_s or args.duration_s
@@ -255,6 +253,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--rates: positive numbers, or auto")
     if args.max_tokens < 1 or args.duration_s <= 0 or args.open_loop_s <= 0:
         parser.error("--max-tokens, --duration-s and --open-loop-s must be positive")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_load_arguments(parser, 30.0, "closed-loop clients per point, and the static batch sizes, comma-separated",
+                       "the router's best closed-loop rate")
+    parser.add_argument("--worker-threads", type=int, default=0,
+                        help="torch threads in the worker and the in-process runs (0: torch's default)")
+    parser.add_argument("--pin", action="store_true",
+                        help="servers and in-process runs on some cores, this client on the others")
+    parser.add_argument("--skip-transformers", action="store_true", help="skip the transformers reference")
+    parser.add_argument("--skip-engine-only", action="store_true", help="skip the in-process engine point")
+    args = parser.parse_args(argv)
+    finish_load_arguments(parser, args)
     return args
 
 
@@ -348,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "comparisons": compare(serving, transformers, engine_only, simulated, args.concurrency),
     }
     print_tables(report)
-    log.print(f"wrote {write_json(report, created, name='llm')}")
+    log.print(f"wrote {write_json(report, created, 'llm')}")
     return 0
 
 

@@ -39,14 +39,15 @@ from pathlib import Path
 import grpc
 from rich.console import Console
 
-from bench.bench_embeddings import result_path, write_json
-from bench.bench_llm import NUM_PROMPTS, Prompt, RequestSource, _numbers, make_prompts, prompt_stats, resolve_rates
+from bench.bench_llm import (NUM_PROMPTS, Prompt, RequestSource, add_load_arguments, finish_load_arguments, make_prompts,
+                             prompt_stats, resolve_rates)
 from bench.llm_load import closed_loop_point, open_loop_point, poisson_arrivals_s, summarize, traced_generate
 from bench.llm_peers_report import compare, plot, print_tables
 from bench.llm_report import MODEL, format_ms
 from bench.machine import cpu_affinity, machine_info, split_cpus
 from bench.openai_stream import ChatServer, complete, session, traced_chat
 from bench.peers import common, llamacpp_peer, vllm_peer
+from bench.result_files import result_path, write_json
 from bench.stack import background_server, free_ports, running_stack
 
 RESULTS_NAME = "llm-peers"
@@ -208,37 +209,21 @@ def run_all(args: argparse.Namespace, home: Path, folder: Path, prompts: list[Pr
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration-s", type=float, default=20.0, help="measured seconds per closed-loop point")
-    parser.add_argument("--warmup-s", type=float, default=5.0, help="unmeasured seconds before each closed-loop point")
-    parser.add_argument("--concurrency", default="1,8,32", help="closed-loop clients per point, comma-separated")
-    parser.add_argument("--rates", default="auto",
-                        help="open-loop Poisson rates in requests/s, comma-separated; 'auto': fractions of "
-                             "tensoryard's best closed-loop rate")
-    parser.add_argument("--open-loop-s", type=float, help="seconds of arrivals per rate (default: --duration-s)")
-    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request, on every system")
+    add_load_arguments(parser, 20.0, "closed-loop clients per point, comma-separated", "tensoryard's best closed-loop rate")
     parser.add_argument("--threads", type=int, default=2, help="compute threads of every server")
     parser.add_argument("--pin", action="store_true",
                         help="servers on some cores, this client on the others; --threads becomes their number")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"some of {','.join(TARGETS)}, comma-separated")
-    parser.add_argument("--seed", type=int, default=0, help="prompts and arrival times")
     args = parser.parse_args(argv)
-    args.concurrency = sorted(set(_numbers(args.concurrency, int)))
-    args.rates = None if args.rates.strip() == "auto" else _numbers(args.rates, float)
-    args.open_loop_s = args.open_loop_s or args.duration_s
-    # Overloaded rates leave a queue: wait this long for it after the arrivals stop, then cancel.
-    args.drain_timeout_s = max(30.0, args.open_loop_s)
+    finish_load_arguments(parser, args)
     wanted = {t.strip() for t in args.targets.split(",") if t.strip()}
     args.targets = [t for t in TARGETS if t in wanted]  # always in this order: tensoryard sets the auto rates
     if wanted - set(TARGETS) or not args.targets:
         parser.error(f"--targets: some of {','.join(TARGETS)}")
     if args.rates is None and "tensoryard" not in args.targets:
         parser.error("--rates auto needs tensoryard in --targets; give the rates instead")
-    if not args.concurrency or min(args.concurrency) < 1:
-        parser.error("--concurrency: positive integers")
-    if args.rates is not None and (not args.rates or min(args.rates) <= 0):
-        parser.error("--rates: positive numbers, or auto")
-    if args.max_tokens < 1 or args.duration_s <= 0 or args.open_loop_s <= 0 or args.threads < 1:
-        parser.error("--max-tokens, --duration-s, --open-loop-s and --threads must be positive")
+    if args.threads < 1:
+        parser.error("--threads must be positive")
     return args
 
 

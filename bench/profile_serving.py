@@ -31,9 +31,9 @@ from pathlib import Path
 from rich.console import Console
 
 from bench.machine import cpu_affinity, split_cpus
+from bench.result_files import result_path
 from bench.stack import running_stack
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SAMPLE_RATE_HZ = 100
 TOP_FUNCTIONS = 15
 WARMUP_S = 3.0
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration_s < 3 or args.concurrency < 1:
         parser.error("--duration-s: at least 3; --concurrency: at least 1")
     created = datetime.now(timezone.utc)
-    out_dir = RESULTS_DIR / f"profile-{args.workload}-{created.strftime('%Y%m%dT%H%M%SZ')}"
-    out_dir.mkdir(parents=True)
+    out_dir = result_path(f"profile-{args.workload}", created)
+    out_dir.mkdir()
     summary = profile(args, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     Console().print_json(data={k: v for k, v in summary.items() if k != "top_leaf_functions"})

@@ -58,12 +58,13 @@ class PackedLinear(torch.nn.Module):
         return packed_linear(x, self.packed_weight, self.bias)
 
 
-def pack_linear_layers(model: torch.nn.Module) -> int:
-    """Swaps every `nn.Linear` of `model` whose weight can be packed for a PackedLinear; returns how many."""
+def pack_linear_layers(model: torch.nn.Module, layer_types: tuple[type, ...] = (torch.nn.Linear,)) -> int:
+    """Swaps every layer of `layer_types` (modules with `weight` [out, in] and `bias`, computing
+    F.linear) whose weight can be packed for a PackedLinear; returns how many."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear) and (packed := pack(child.weight)) is not None:
+            if isinstance(child, layer_types) and (packed := pack(child.weight)) is not None:
                 bias = None if child.bias is None else child.bias.detach()
                 setattr(parent, name, PackedLinear(packed, bias))
                 swapped += 1

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from protos.inference import grpc_service_pb2 as pb
 from services.common.errors import DeadlineExceeded, InvalidArgument, TensoryardError, status_for
-from services.worker.batcher import BatcherStats, DurationStat
+from services.worker.batch_stats import BatcherStats, DurationStat
 from services.worker.chat_template import ChatTemplate
 from services.worker.engine.engine import RequestOutput
 from services.worker.engine.loop import EngineLoop

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import model_config_pb2 as mc
-from services.worker.batcher import BatcherStats
+from services.worker.batch_stats import BatcherStats
 
 _CONFIG_DATATYPES = {
     "BOOL": mc.TYPE_BOOL,

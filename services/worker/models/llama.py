@@ -31,26 +31,15 @@ KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blo
 
 class Linear(nn.Module):
     """A linear layer whose parameters are allocated but not initialised: the checkpoint fills them.
-
-    On CPU, `pack_for_cpu` (after loading) swaps the weight for its oneDNN-reordered copy
-    (kernels/linear_cpu.py): batched decode steps run up to 1.65x faster."""
+    On CPU, loading swaps it for a `linear_cpu.PackedLinear` (see `pack_for_cpu`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self.packed_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is not None:
-            return linear_cpu.packed_linear(x, self.packed_weight, self.bias)
         return F.linear(x, self.weight, self.bias)
-
-    def pack_for_cpu(self) -> None:
-        packed = linear_cpu.pack(self.weight)
-        if packed is not None:
-            self.packed_weight = packed
-            self.weight = None  # the reordered copy replaces it: no second copy in memory
 
 
 class RMSNorm(nn.Module):
@@ -170,15 +159,14 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden[logits_indices], self.model.embed_tokens.weight).float()
 
     def pack_for_cpu(self) -> None:
-        """Reorders every linear weight for oneDNN (see Linear); a tied head gets a reordered copy
-        of the embedding, which the token lookup still reads in its plain layout."""
+        """Reorders every linear weight for oneDNN (kernels/linear_cpu.py: batched decode steps run up
+        to 1.65x faster); a tied head gets a reordered copy of the embedding, which the token lookup
+        still reads in its plain layout."""
         if self.lm_head is None and linear_cpu.can_pack(self.model.embed_tokens.weight):
             vocab_size, hidden_size = self.model.embed_tokens.weight.shape
             self.lm_head = Linear(hidden_size, vocab_size, False, self.model.embed_tokens.weight.dtype)
             self.lm_head.weight = self.model.embed_tokens.weight
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.pack_for_cpu()
+        linear_cpu.pack_linear_layers(self, layer_types=(Linear,))
 
 
 def load_model(
