@@ -13,7 +13,7 @@ from services.worker.engine.sequence import Sequence
 _ids = itertools.count()
 
 
-def make_seq(num_tokens: int = 8, *, tokens: list[int] | None = None, priority: int = 0,
+def make_seq(num_tokens: int = 8, *, tokens: list[int] | None = None, priority: int = 0, tenant: str = "",
              deadline_s: float | None = None, **params) -> Sequence:
     token_ids = list(tokens) if tokens is not None else [10 + i % 200 for i in range(num_tokens)]
     return Sequence(
@@ -22,6 +22,7 @@ def make_seq(num_tokens: int = 8, *, tokens: list[int] | None = None, priority: 
         num_prompt_tokens=len(token_ids),
         params=SamplingParams(**{"max_tokens": 100, "temperature": 0.0, **params}),
         priority=priority,
+        tenant=tenant,
         deadline_s=deadline_s,
     )
 
@@ -36,10 +37,11 @@ class FakeClock:
 
 def make_scheduler(num_blocks: int = 16, block_size: int = 4, *, max_num_batched_tokens: int = 64,
                    max_num_seqs: int = 8, prefix_caching: bool = False, chunked_prefill: bool = True,
-                   max_model_len: int = 64, clock=None) -> Scheduler:
+                   max_model_len: int = 64, clock=None, **config) -> Scheduler:
+    """config: further SchedulerConfig fields (the fairness weights and limits)."""
     kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                             enable_chunked_prefill=chunked_prefill)
+                             enable_chunked_prefill=chunked_prefill, **config)
     return Scheduler(config, kv_cache, max_model_len, eos_token_ids=(2,), clock=clock or FakeClock())
 
 

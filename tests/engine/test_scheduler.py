@@ -173,3 +173,39 @@ def test_prefix_cache_hit_skips_computed_tokens():
     assert out.num_scheduled_tokens == [1, 1]  # 12 prompt tokens found in 3 cached blocks
     assert second.num_cached_tokens == 12
     assert scheduler.kv_cache.num_hit_tokens == 12
+
+
+def test_better_priority_preempts_a_running_sequence_for_a_seat():
+    scheduler = make_scheduler(max_num_seqs=1)
+    background = make_seq(4, priority=1)
+    scheduler.add(background)
+    run_step(scheduler)
+    urgent = make_seq(4, priority=0)
+    scheduler.add(urgent)
+    out = run_step(scheduler)
+    assert out.preempted_seqs == [background] and out.scheduled_seqs == [urgent]
+    assert background.status is SequenceStatus.WAITING and background.block_table == []
+    assert scheduler.num_priority_preemptions == scheduler.num_preemptions == 1
+
+
+def test_better_priority_preempts_a_running_sequence_for_blocks():
+    # 4 blocks of 4: background holds 3; urgent's 8 tokens need 2.
+    scheduler = make_scheduler(num_blocks=4, block_size=4)
+    background = make_seq(12, priority=1)
+    scheduler.add(background)
+    run_step(scheduler)
+    urgent = make_seq(8, priority=0)
+    scheduler.add(urgent)
+    out = run_step(scheduler)
+    assert out.preempted_seqs == [background] and out.scheduled_seqs == [urgent]
+    assert scheduler.kv_cache.num_used_blocks == 2
+
+
+def test_equal_priority_waits_for_a_seat_rather_than_preempting():
+    scheduler = make_scheduler(max_num_seqs=1)
+    first, second = make_seq(4), make_seq(4)
+    scheduler.add(first)
+    run_step(scheduler)
+    scheduler.add(second)
+    out = run_step(scheduler)
+    assert out.preempted_seqs == [] and out.scheduled_seqs == [first]

@@ -30,11 +30,20 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # tokens computed per step: decodes, then prefill chunks
     max_num_waiting: int = 1024  # add_request raises Overloaded past this
     enable_chunked_prefill: bool = True
+    # Fair sharing between tenants (virtual token counters): the service a tenant is charged per token.
+    fair_prompt_token_weight: float = 1.0  # per prompt token computed (prefix-cache hits are free)
+    fair_output_token_weight: float = 2.0  # per token sampled
+    max_fair_preemptions_per_step: int = 1  # running sequences sent back to seat a tenant under its share; 0: none
+    fair_idle_counter_ttl_s: float = 300.0  # an idle tenant's excess service (its debt) is forgotten after this
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_num_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("fair_prompt_token_weight", "fair_output_token_weight", "max_fair_preemptions_per_step",
+                     "fair_idle_counter_ttl_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ class Sequence:
     num_prompt_tokens: int
     params: SamplingParams
     priority: int = 0  # lower runs first
+    tenant: str = ""  # whose request: the scheduler shares the engine fairly between tenants ("" the default)
     arrival: int = 0  # admission order: the tie-break within a priority, and "newest" for preemption
     deadline_s: float | None = None  # absolute, on the scheduler's clock (time.monotonic by default)
     generator: torch.Generator | None = None  # per-request seed: draws do not depend on the batch
@@ -44,6 +45,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)  # cache block ids, in token order
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of token_ids' full blocks
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
+    num_charged_prompt_tokens: int = 0  # prompt tokens charged to the tenant; a recompute is not charged again
 
     @property
     def num_tokens(self) -> int:
