@@ -2,9 +2,11 @@
 
 A request's tensors arrive either as one raw little-endian buffer per input
 (`raw_input_contents`, what tritonclient sends) or as typed `contents`. BYTES elements are each a
-4-byte little-endian length followed by the bytes. Every mismatch (datatype, shape, byte count,
-a length prefix running past the buffer) raises InvalidArgument naming the input, so the caller
-can fix it; nothing here touches any other request.
+4-byte little-endian length followed by the bytes. The checks that need no model (datatypes,
+shapes, where the data is, duplicates) are `services.common.infer_checks`, shared with the router;
+the ones here hold a request against the model and its data against its shape (datatype, shape,
+byte count, a length prefix running past the buffer). Each raises InvalidArgument naming the
+input, so the caller can fix it; nothing here touches any other request.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.common.errors import InvalidArgument
+from services.common.infer_checks import CONTENTS_FIELD, check_infer_request
 
 # KServe datatype -> numpy dtype (little-endian on the wire).
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -32,23 +35,8 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
+# What tensoryard decodes (BF16, a valid KServe datatype, is not among them).
 DATATYPES = (*NUMPY_DTYPES, "BYTES")
-
-# Which typed-contents field carries each datatype (KServe v2 gRPC).
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
 
 _LENGTH_PREFIX = struct.Struct("<I")
 
@@ -113,11 +101,9 @@ def decode_input(tensor, raw: bytes | None) -> np.ndarray:
     datatype = tensor.datatype
     if datatype not in DATATYPES:
         raise InvalidArgument(
-            f"input '{name}': unsupported datatype '{datatype}' (one of {', '.join(DATATYPES)})"
+            f"input '{name}': datatype '{datatype}' is not supported here (one of {', '.join(DATATYPES)})"
         )
-    shape = list(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"input '{name}': shape {shape} has a negative dimension")
+    shape = list(tensor.shape)  # non-negative and countable: check_infer_request ran first
     count = element_count(shape)
     if raw is not None:
         if datatype == "BYTES":
@@ -132,7 +118,7 @@ def decode_input(tensor, raw: bytes | None) -> np.ndarray:
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
     if datatype == "FP16":
         raise InvalidArgument(f"input '{name}': FP16 data must be sent in raw_input_contents")
-    values = getattr(tensor.contents, _CONTENTS_FIELD[datatype])
+    values = getattr(tensor.contents, CONTENTS_FIELD[datatype])
     if len(values) != count:
         raise InvalidArgument(
             f"input '{name}': contents hold {len(values)} elements but shape {shape} needs {count}"
@@ -149,12 +135,8 @@ def decode_inputs(
 
     Returns the arrays by name and the batch size (0 when the model does not batch).
     """
+    check_infer_request(request)
     raw_contents = request.raw_input_contents
-    if raw_contents and len(raw_contents) != len(request.inputs):
-        raise InvalidArgument(
-            f"request has {len(request.inputs)} inputs but {len(raw_contents)} raw_input_contents; "
-            f"send one raw buffer per input or none"
-        )
     arrays: dict[str, np.ndarray] = {}
     batch_sizes = set()
     for index, tensor in enumerate(request.inputs):
@@ -164,8 +146,6 @@ def decode_inputs(
                 f"unexpected inference input '{tensor.name}' for model '{model_name}'; "
                 f"expected one of: {', '.join(specs)}"
             )
-        if tensor.name in arrays:
-            raise InvalidArgument(f"input '{tensor.name}' appears more than once")
         if tensor.datatype != spec.datatype:
             raise InvalidArgument(
                 f"input '{tensor.name}' has datatype {tensor.datatype or '(none)'} but model "

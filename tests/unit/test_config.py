@@ -38,3 +38,10 @@ def test_bad_values_name_the_field():
         build_config(RouterConfig, {}, {"TENSORYARD_PORT": "abc"})
     with pytest.raises(ValueError, match="model_name is required"):
         build_config(WorkerConfig)
+
+
+def test_worker_message_limit_comes_from_its_flag_and_is_checked():
+    assert build_config(WorkerConfig, {"model_name": "m"}).max_message_bytes == 64 * 1024 * 1024
+    assert build_config(WorkerConfig, {"model_name": "m", "max_message_bytes": 4096}).max_message_bytes == 4096
+    with pytest.raises(ValueError, match="max_message_bytes must be >= 1024"):
+        build_config(WorkerConfig, {"model_name": "m", "max_message_bytes": 10})

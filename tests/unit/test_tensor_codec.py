@@ -119,3 +119,22 @@ def test_requested_outputs_are_checked():
     request.outputs.add(name="nope")
     with pytest.raises(InvalidArgument, match="'nope'"):
         check_requested_outputs(request, {"embedding": TensorSpec("embedding", "FP32", (4,))}, "m")
+
+
+def test_model_independent_checks_run_before_the_model_ones():
+    """decode_inputs applies services.common.infer_checks first: the router's checks, the same words."""
+    request = request_with(("text", "BYTES", [1, 1], encode_bytes_tensor([b"x"])))
+    request.inputs[0].contents.bytes_contents.append(b"x")
+    with pytest.raises(InvalidArgument, match="both contents and raw_input_contents"):
+        decode_inputs(request, SPECS, "m", 8)
+
+
+def test_overflowing_shape_is_refused_before_numpy_sees_it():
+    with pytest.raises(InvalidArgument, match="multiply to more than an int64 holds"):
+        decode_inputs(request_with(("ids", "INT64", [2**32, 2**32], b"\x00" * 8)), SPECS, "m", 8)
+
+
+def test_duplicate_input_is_refused():
+    raw = encode_bytes_tensor([b"x"])
+    with pytest.raises(InvalidArgument, match="'text' appears more than once"):
+        decode_inputs(request_with(("text", "BYTES", [1, 1], raw), ("text", "BYTES", [1, 1], raw)), SPECS, "m", 8)
