@@ -81,7 +81,7 @@ def make_prompts(folder: Path, num_prompts: int, seed: int) -> list[Prompt]:
     """User messages of an instruction and notes, grown to a length drawn uniformly per prompt."""
     from tokenizers import Tokenizer
 
-    from services.worker.chat_template import ChatTemplate
+    from services.common.chat_template import ChatTemplate
 
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     template = ChatTemplate.from_folder(folder)

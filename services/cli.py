@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--workers-per-model", type=int, default=1)
     up.add_argument("--worker-threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     up.add_argument("--no-llm", action="store_true", help="serve the embedding demo only")
+    up.add_argument("--no-embedding", action="store_true", help="serve the LLM demo only")
 
     registry = sub.add_parser("registry", help="run the model registry and embedded discovery")
     registry.add_argument("--host")
@@ -54,6 +55,20 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument("--host")
     router.add_argument("--port", type=int)
     router.add_argument("--registry", dest="registry_address")
+    router.add_argument("--models", help="models this router serves, comma-separated: ready only while each has a replica")
+    router.add_argument("--routing-policy", dest="routing_policy",
+                        choices=("auto", "round_robin", "least_load", "kv_aware"))
+    router.add_argument("--model-routing", dest="model_routing", help="per-model policies: model=policy,...")
+    router.add_argument("--kv-index", dest="kv_index", choices=("events", "approximate"),
+                        help="kv_aware: follow workers' KV events, or only the prompts this router routed")
+    router.add_argument("--kv-overlap-weight", type=float, dest="kv_overlap_weight")
+    router.add_argument("--kv-temperature", type=float, dest="kv_temperature")
+    router.add_argument("--max-in-flight-per-model", type=int, dest="max_in_flight_per_model")
+    router.add_argument("--max-migrations", type=int, dest="max_migrations")
+    router.add_argument("--stale-after-s", type=float, dest="stale_after_s")
+    router.add_argument("--migrate-after-s", type=float, dest="migrate_after_s")
+    router.add_argument("--drain-timeout-s", type=float, dest="drain_timeout_s")
+    router.add_argument("--max-message-bytes", type=int, dest="max_message_bytes")
     _add_telemetry_flags(router)
 
     worker = sub.add_parser("worker", help="serve one model version")
@@ -74,6 +89,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="LLM tokens computed per engine step")
     worker.add_argument("--max-model-len", type=int, dest="max_model_len", help="LLM prompt + output tokens")
     worker.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), dest="dtype")
+    worker.add_argument("--max-num-queued-tokens", type=int, dest="max_num_queued_tokens",
+                        help="LLM admission: prompt tokens that may wait")
+    worker.add_argument("--max-queue-wait-s", type=float, dest="max_queue_wait_s",
+                        help="LLM admission: refuse requests whose estimated wait is longer")
+    worker.add_argument("--drain-timeout-s", type=float, dest="drain_timeout_s",
+                        help="on SIGTERM, how long in-flight requests get before they are cut off")
+    worker.add_argument("--progress-timeout-s", type=float, dest="progress_timeout_s",
+                        help="NOT_SERVING when the engine makes no progress for this long")
+    worker.add_argument("--tenant-metadata-key", dest="tenant_metadata_key")
+    worker.add_argument("--enable-fault-injection", action="store_const", const=True, dest="enable_fault_injection",
+                        help="allow WorkerControl.InjectFault (tests only)")
+    worker.add_argument("--max-message-bytes", type=int, dest="max_message_bytes",
+                        help="largest request or response message (default 64 MiB)")
     _add_telemetry_flags(worker)
 
     models = sub.add_parser("models", help="manage models in the registry")
@@ -168,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 workers_per_model=args.workers_per_model,
                 worker_threads=args.worker_threads,
                 with_llm=not args.no_llm,
+                with_embedding=not args.no_embedding,
             )
             return Launcher(options, env).run()
         if args.command == "models":

@@ -1,10 +1,14 @@
 """Chat templates: the model's own Jinja template (tokenizer_config.json), rendered as Hugging Face
-transformers renders it, in a sandbox (a template is data from a model file, not trusted code)."""
+transformers renders it, in a sandbox (a template is data from a model file, not trusted code).
+
+Workers render messages to serve them; routers render them too, to hash the prompt's blocks for
+KV-aware routing. Both use this module, so the tokens they hash are the tokens the worker computes.
+The template is compiled once per ChatTemplate, not per request."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -19,18 +23,23 @@ def _raise_exception(message: str):
     raise InvalidArgument(f"the chat template refused the messages: {message}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ChatTemplate:
     source: str
     bos_token: str
     eos_token: str
+    _compiled: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_folder(cls, folder: Path) -> ChatTemplate | None:
         path = Path(folder) / "tokenizer_config.json"
         if not path.is_file():
             return None
-        config = json.loads(path.read_text())
+        return cls.from_config(json.loads(path.read_text()))
+
+    @classmethod
+    def from_config(cls, config: dict) -> ChatTemplate | None:
+        """From the contents of tokenizer_config.json; None when it holds no template."""
         source = config.get("chat_template")
         if isinstance(source, list):  # named templates: take the default one
             source = next((t["template"] for t in source if t.get("name") == "default"), None)
@@ -46,11 +55,8 @@ class ChatTemplate:
                 raise InvalidArgument(
                     f"message {index} has role {message.get('role')!r}; use one of {', '.join(_ROLES)}"
                 )
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        environment.globals["raise_exception"] = _raise_exception
         try:
-            template = environment.from_string(self.source)
-            return template.render(
+            return self._template().render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
@@ -58,6 +64,15 @@ class ChatTemplate:
             )
         except jinja2.TemplateError as error:
             raise InvalidArgument(f"the chat template failed to render: {error}") from None
+
+
+    def _template(self) -> jinja2.Template:
+        template = self._compiled.get("template")
+        if template is None:
+            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            environment.globals["raise_exception"] = _raise_exception
+            template = self._compiled["template"] = environment.from_string(self.source)
+        return template
 
 
 def _token_text(token) -> str:

@@ -80,7 +80,20 @@ class WorkerConfig:
     max_num_batched_tokens: int = 0
     max_model_len: int = 0
     dtype: str = ""
+    # LLM admission control (0: keep the version's value, else the default in services/worker/admission.py).
+    max_num_queued_tokens: int = 0
+    max_queue_wait_s: float = 0.0
+    # On SIGTERM: how long in-flight requests may take to finish before the rest are cut off (and
+    # continue on another replica through the router).
     drain_timeout_s: float = 30.0
+    # Health is SERVING only while the engine makes progress (a step, or its idle heartbeat) this often.
+    progress_timeout_s: float = 5.0
+    # Request metadata key naming the tenant, for fair sharing of the engine.
+    tenant_metadata_key: str = "x-tenant-id"
+    # WorkerControl.InjectFault works only when this is set (fault-injection tests).
+    enable_fault_injection: bool = False
+    # Largest request or response message the worker takes or sends (larger: RESOURCE_EXHAUSTED).
+    max_message_bytes: int = 64 * 1024 * 1024
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:
@@ -91,6 +104,13 @@ class WorkerConfig:
         _check_port("port", self.port)
         if self.lease_ttl_ms < 100:
             raise ValueError(f"lease_ttl_ms must be >= 100, not {self.lease_ttl_ms}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be >= 1024, not {self.max_message_bytes}")
+        for name in ("max_queue_wait_s", "drain_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.progress_timeout_s <= 0:
+            raise ValueError(f"progress_timeout_s must be > 0, not {self.progress_timeout_s}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +120,76 @@ class RouterConfig:
     registry_address: str = "127.0.0.1:7070"
     # Largest request or response message the router passes through.
     max_message_bytes: int = 64 * 1024 * 1024
+    # The models this router serves, comma-separated: it is ready (health SERVING) only while each
+    # has a routable replica. Empty: ready once it follows discovery.
+    models: str = ""
+    # round_robin | least_load | kv_aware | auto (kv_aware for generation models, least_load else).
+    routing_policy: str = "auto"
+    # Per-model overrides: "model=policy,other=policy".
+    model_routing: str = ""
+    # kv_aware: cost = kv_overlap_weight * uncached prompt blocks + active blocks; softmax over costs
+    # when kv_temperature > 0; the load guard's absolute and relative imbalance. (Weight 4: on the
+    # CPU, 1 let the load term outweigh a cached prefix; docs/ARCHITECTURE.md has the figures.)
+    kv_overlap_weight: float = 4.0
+    kv_temperature: float = 0.0
+    # ... in seat occupancy (requests over max_num_seqs): guard when max - min > abs and max > ratio * min.
+    load_guard_abs: float = 0.5
+    load_guard_ratio: float = 2.0
+    # events: follow workers' KV events; approximate: only the prompts this router routed.
+    kv_index: str = "events"
+    tenant_metadata_key: str = "x-tenant-id"
+    session_metadata_key: str = "x-session-id"
+    max_in_flight_per_model: int = 4096
+    # Retries may add this share of the traffic (plus retry_budget_min_per_s retries a second).
+    retry_budget_ratio: float = 0.2
+    retry_budget_min_per_s: float = 10.0
+    max_migrations: int = 3
+    # A replica whose load reports stop for stale_after_s takes no new requests; after
+    # migrate_after_s its open generation streams move to another replica.
+    stale_after_s: float = 1.0
+    migrate_after_s: float = 3.0
+    # On SIGTERM: how long in-flight requests get to finish.
+    drain_timeout_s: float = 30.0
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, not {self.max_message_bytes}")
+        policies = ("auto", "round_robin", "least_load", "kv_aware")
+        if self.routing_policy not in policies:
+            raise ValueError(f"routing_policy must be one of {', '.join(policies)}, not {self.routing_policy!r}")
+        for model, policy in self.model_policies:
+            if policy not in policies:
+                raise ValueError(f"model_routing: {model}={policy}: the policy must be one of {', '.join(policies)}")
+        if self.kv_index not in ("events", "approximate"):
+            raise ValueError(f"kv_index must be events or approximate, not {self.kv_index!r}")
+        if self.max_in_flight_per_model < 1:
+            raise ValueError(f"max_in_flight_per_model must be >= 1, not {self.max_in_flight_per_model}")
+        for name in ("kv_overlap_weight", "kv_temperature", "load_guard_abs", "retry_budget_ratio",
+                     "retry_budget_min_per_s", "drain_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.load_guard_ratio < 1:
+            raise ValueError(f"load_guard_ratio must be >= 1, not {self.load_guard_ratio}")
+        if not 0 < self.stale_after_s <= self.migrate_after_s:
+            raise ValueError("stale_after_s must be > 0 and at most migrate_after_s")
+
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.models.split(",") if name.strip())
+
+    @property
+    def model_policies(self) -> tuple[tuple[str, str], ...]:
+        pairs = []
+        for entry in self.model_routing.split(","):
+            if not entry.strip():
+                continue
+            model, sep, policy = entry.partition("=")
+            if not sep:
+                raise ValueError(f"model_routing: {entry!r} is not model=policy")
+            pairs.append((model.strip(), policy.strip()))
+        return tuple(pairs)
 
 
 def _check_port(name: str, port: int) -> None:

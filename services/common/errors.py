@@ -36,9 +36,17 @@ class FailedPrecondition(TensoryardError):
 
 
 class Overloaded(TensoryardError):
-    """The queue is full: retry later (RESOURCE_EXHAUSTED)."""
+    """No room for the request now: retry later (RESOURCE_EXHAUSTED).
+
+    retry_after_s, when known, is sent as gRPC's retry pushback (`grpc-retry-pushback-ms` trailing
+    metadata): a client with a retry policy waits that long before it tries again.
+    """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(TensoryardError):

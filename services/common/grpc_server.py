@@ -190,6 +190,7 @@ def _wrap_unary(behavior, labels, request_streaming: bool):
             await context.abort(code, message)
         except Exception as error:  # noqa: BLE001 - every failure becomes a status here
             code, message = _status_of(error)
+            _set_retry_pushback(context, error)
             await context.abort(code, message)
         finally:
             _observe(labels, code, context, started)
@@ -221,11 +222,23 @@ def _wrap_stream(behavior, labels, request_streaming: bool):
             await context.abort(code, message)
         except Exception as error:  # noqa: BLE001
             code, message = _status_of(error)
+            _set_retry_pushback(context, error)
             await context.abort(code, message)
         finally:
             _observe(labels, code, context, started)
 
     return call
+
+
+# gRPC's retry pushback: a client whose retry policy covers the status waits this many milliseconds
+# before its next attempt (gRFC A6).
+RETRY_PUSHBACK_HEADER = "grpc-retry-pushback-ms"
+
+
+def _set_retry_pushback(context, error: Exception) -> None:
+    retry_after_s = getattr(error, "retry_after_s", None)
+    if retry_after_s:
+        context.set_trailing_metadata(((RETRY_PUSHBACK_HEADER, str(max(int(retry_after_s * 1000), 1))),))
 
 
 def _cancelled_for_bad_message(requests) -> bool:

@@ -38,6 +38,10 @@ class ModelCatalog:
     def models(self) -> dict[str, list[int]]:
         return dict(self._versions)
 
+    def task(self, model_name: str) -> str | None:
+        """"generation", "embedding", ... or None for a model not seen in the registry yet."""
+        return self._tasks.get(model_name)
+
     async def check(self, model_name: str, model_version: str) -> None:
         """Raise NotFound unless the model (and version, if given) exists in the registry."""
         if not self._exists(model_name, model_version):

@@ -1,4 +1,10 @@
-"""The router process: the front door on :8001."""
+"""The router process: the front door on :8001.
+
+Readiness: health (and ServerReady) is SERVING once the router follows discovery and, for each model
+it serves (`--models`), at least one replica is routable; it follows the replicas as they come and
+go. SIGTERM drains: NOT_SERVING at once (load balancers stop sending), new calls are refused, those in
+flight get `drain_timeout_s` to finish, then the process exits.
+"""
 
 from __future__ import annotations
 
@@ -7,40 +13,121 @@ import asyncio
 # Imported for their descriptors: reflection describes every service the router serves.
 from protos.inference import grpc_service_pb2  # noqa: F401
 from protos.tensoryard.v1 import embeddings_pb2, generation_pb2  # noqa: F401
-from services.common.gc_tuning import freeze_startup_objects
 from services.common.config import RouterConfig
 from services.common.discovery import DiscoveryClient
+from services.common.gc_tuning import freeze_startup_objects
 from services.common.grpc_server import GrpcHost, aio_channel, install_signal_handlers
 from services.common.telemetry import get_logger, start_metrics_server
+from services.router.admission import InFlightLimiter
 from services.router.catalog import ModelCatalog
-from services.router.pool import BackendPool
+from services.router.kv_index import KvIndex
+from services.router.policies import LoadGuard
+from services.router.pool import BackendPool, PoolConfig
+from services.router.prompts import PromptTokenizers
+from services.router.relay import Relay
+from services.router.retry import RetryBudget
 from services.router.servicer import SERVICE, RoutingServicer, inference_handler, native_handlers
 
 log = get_logger(__name__)
 
 
+def pool_config(config: RouterConfig) -> PoolConfig:
+    return PoolConfig(
+        stale_after_s=config.stale_after_s,
+        migrate_after_s=config.migrate_after_s,
+        kv_events=config.kv_index == "events",
+        routing_policy=config.routing_policy,
+        model_policies=config.model_policies,
+        kv_overlap_weight=config.kv_overlap_weight,
+        kv_temperature=config.kv_temperature,
+        guard=LoadGuard(config.load_guard_abs, config.load_guard_ratio),
+    )
+
+
 async def serve(config: RouterConfig) -> None:
     metrics_port = start_metrics_server(config.telemetry, config.host)
     registry = aio_channel(config.registry_address)
-    pool = BackendPool(DiscoveryClient(registry), config.max_message_bytes)
-    servicer = RoutingServicer(pool, ModelCatalog(registry))
+    catalog = ModelCatalog(registry)
+    prompts = PromptTokenizers(registry)
     host = GrpcHost(config.max_message_bytes)
+    readiness = _Readiness(host)
+    pool = BackendPool(
+        DiscoveryClient(registry), config.max_message_bytes, pool_config(config), KvIndex(),
+        model_task=catalog.task, on_change=readiness.changed,
+    )
+    servicer = RoutingServicer(
+        pool, catalog,
+        Relay(pool, RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s), config.max_migrations),
+        InFlightLimiter(config.max_in_flight_per_model), prompts,
+        tenant_key=config.tenant_metadata_key, session_key=config.session_metadata_key,
+        served_models=config.served_models,
+    )
+    readiness.servicer = servicer
     host.add_generic_handler(inference_handler(servicer), SERVICE)
     for handler, name in native_handlers(servicer):
         host.add_generic_handler(handler, name)
     port = await host.start(config.host, config.port)
+    try:
+        await catalog.refresh(force=True)
+    except Exception as error:  # noqa: BLE001 - the registry may come later; lookups retry
+        log.warning("router_catalog_unavailable", error=str(error))
     pool.start()
-    log.info("router_listening", address=f"{config.host}:{port}", metrics_port=metrics_port)
+    log.info("router_listening", address=f"{config.host}:{port}", metrics_port=metrics_port,
+             models=list(config.served_models))
     stop = asyncio.Event()
     install_signal_handlers(stop)
     synced = asyncio.create_task(pool.synced.wait())
     await asyncio.wait([synced, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     if pool.synced.is_set():
         freeze_startup_objects()
-        await host.set_serving(True)
-        log.info("router_ready", address=f"{config.host}:{port}")
+        readiness.changed()
+    watcher = asyncio.create_task(_load_tokenizers(pool, catalog, prompts))
     await stop.wait()
-    log.info("router_stopping")
-    await host.stop(grace_s=5.0)
+    log.info("router_draining", grace_s=config.drain_timeout_s)
+    readiness.stopping = True
+    await host.set_serving(False)
+    watcher.cancel()
+    await host.stop(grace_s=config.drain_timeout_s)
     await pool.close()
     await registry.close()
+    log.info("router_stopped")
+
+
+class _Readiness:
+    """Health follows servicer.ready(), re-checked whenever the routable replicas may have changed."""
+
+    def __init__(self, host: GrpcHost):
+        self.host = host
+        self.servicer: RoutingServicer | None = None
+        self.stopping = False
+        self._serving: bool | None = None
+        self._pending = False
+
+    def changed(self) -> None:
+        if not self._pending:
+            self._pending = True
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._update()))
+
+    async def _update(self) -> None:
+        self._pending = False
+        serving = not self.stopping and self.servicer is not None and self.servicer.ready()
+        if serving != self._serving:
+            self._serving = serving
+            await self.host.set_serving(serving)
+            log.info("router_ready" if serving else "router_not_ready",
+                     waiting_for=self.servicer.models_without_replica() if self.servicer else [])
+
+
+async def _load_tokenizers(pool: BackendPool, catalog: ModelCatalog, prompts: PromptTokenizers) -> None:
+    """Load the prompt tokenizer of each generation model version as its replicas appear, so
+    KV-aware routing has prompt blocks from the first requests on."""
+    while True:
+        for backend in pool.backends():
+            if catalog.task(backend.model_name) is None:
+                try:
+                    await catalog.refresh()
+                except Exception:  # noqa: BLE001 - the registry is away; next round
+                    pass
+            if catalog.task(backend.model_name) == "generation":
+                prompts.get(backend.model_name, backend.model_version)
+        await asyncio.sleep(0.5)

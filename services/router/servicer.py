@@ -1,27 +1,36 @@
 """The router's `inference.GRPCInferenceService` and native routes.
 
-Inference calls are forwarded as bytes: the handlers are registered with no (de)serializers, the
-router parses only `RoutingHeader` (model name, version, id) out of the request bytes and sends
-the same bytes to the chosen worker; the worker's response bytes come back untouched. Server-level
-calls (live, ready, metadata, repository index, statistics) are answered here.
+Inference calls are forwarded as bytes: the handlers are registered with no (de)serializers. The
+router parses each request (to refuse bytes that are not the method's message, and to read its
+model, version and id, and for LLMs its prompt), checks it (services/common/infer_checks.py), admits
+it (services/router/admission.py), picks a replica through the model's routing policy and sends the
+same bytes on — with the prompt's token ids appended when it tokenized them — and the worker's
+response bytes back. Retries and stream migration are `relay.py`'s. Server-level calls (live,
+ready, metadata, repository index, statistics) are answered here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
 import uuid
 from collections.abc import Callable
 
 import grpc
-
 from protos.inference import grpc_service_pb2 as pb
-from protos.tensoryard.v1 import routing_pb2
-from services.common.errors import InvalidArgument, NotFound, TensoryardError, Unavailable
-from services.common.grpc_server import REQUEST_ID_HEADER, bind_request
+from protos.tensoryard.v1 import embeddings_pb2, generation_pb2
+from services.common.errors import InvalidArgument, NotFound, Overloaded, TensoryardError, status_for
+from services.common.grpc_server import REQUEST_ID_HEADER, bind_request, metadata_value, parse_request
+from services.common.infer_checks import check_infer_request
 from services.common.telemetry import get_logger
-from services.router import statistics
+from services.router import metrics, statistics
+from services.router.admission import InFlightLimiter
 from services.router.catalog import ModelCatalog
+from services.router.policies import RouteRequest
 from services.router.pool import Backend, BackendPool
+from services.router.prompts import PromptTokenizers
+from services.router.relay import NativeGenerate, Relay, RelayError, no_replica
+from services.router.triton_stream import TritonGenerate
 
 log = get_logger(__name__)
 
@@ -29,9 +38,13 @@ SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "tensoryard"
 SERVER_VERSION = "0.1.0"
 SERVER_EXTENSIONS = ["model_configuration", "statistics", "model_repository", "binary_tensor_data"]
+MODEL_INFER = f"/{SERVICE}/ModelInfer"
+PROMPT_TOKEN_IDS_PARAMETER = "tensoryard_prompt_token_ids"
 
 # Metadata a client sets for the server (not for the hop to the worker).
 _HOP_BY_HOP = {"user-agent", "content-type", "te", "host", "content-length", "accept-encoding"}
+_NATIVE_GENERATE = NativeGenerate()
+_TRITON_GENERATE = TritonGenerate()
 
 
 def _forwardable(metadata, request_id: str) -> tuple[tuple[str, str | bytes], ...]:
@@ -44,149 +57,217 @@ def _forwardable(metadata, request_id: str) -> tuple[tuple[str, str | bytes], ..
     return (*forwarded, (REQUEST_ID_HEADER, request_id))
 
 
-def _request_id(header: routing_pb2.RoutingHeader) -> str:
-    """The client's id, or one made here so the router's and the worker's log lines match."""
-    return header.id or uuid.uuid4().hex[:16]
-
-
 class RoutingServicer:
-    def __init__(self, pool: BackendPool, catalog: ModelCatalog):
+    def __init__(self, pool: BackendPool, catalog: ModelCatalog, relay: Relay, limiter: InFlightLimiter,
+                 prompts: PromptTokenizers, tenant_key: str = "x-tenant-id", session_key: str = "x-session-id",
+                 served_models: tuple[str, ...] = ()):
         self._pool = pool
         self._catalog = catalog
+        self._relay = relay
+        self._limiter = limiter
+        self._prompts = prompts
+        self._tenant_key = tenant_key
+        self._session_key = session_key
+        self.served_models = served_models
 
     # -- routing ---------------------------------------------------------------------------------
 
-    async def _choose(self, header: routing_pb2.RoutingHeader, exclude: Backend | None = None) -> Backend:
-        if not header.model_name:
+    def _route(self, model_name: str, model_version: str, request_id: str, context) -> tuple[RouteRequest, tuple]:
+        """Bind the request to the logs; its route and the metadata the worker gets."""
+        if not model_name:
             raise InvalidArgument("the request names no model (model_name is empty)")
-        backend = self._pool.pick(header.model_name, header.model_version, exclude)
+        request_id = request_id or uuid.uuid4().hex[:16]
+        bind_request(request_id, model_name, model_version)
+        route = RouteRequest(
+            model_name, model_version,
+            tenant=metadata_value(context, self._tenant_key),
+            session_key=metadata_value(context, self._session_key) if self._session_key else "",
+        )
+        return route, _forwardable(context.invocation_metadata(), request_id)
+
+    async def _first(self, route: RouteRequest, prompt_token_ids) -> Backend:
+        self._refuse_if_saturated(route)
+        backend = self._pool.pick(route, prompt_token_ids)
         if backend is not None:
             return backend
-        await self._catalog.check(header.model_name, header.model_version)
-        version = f" version {header.model_version}" if header.model_version else ""
-        raise Unavailable(
-            f"no ready replica of model '{header.model_name}'{version}; retry shortly"
+        await self._catalog.check(route.model_name, route.model_version)
+        metrics.REJECTED.labels(route.model_name, "no_replica").inc()
+        raise no_replica(route)
+
+    def _refuse_if_saturated(self, route: RouteRequest) -> None:
+        """Refuse here, without a hop, what every replica's own report says it would refuse: all
+        are past their queue-wait bound and the tenant holds at least its share of what is in
+        flight. (A tenant below its share goes on: a replica weighs it against its fair share,
+        which may leave it room.)"""
+        replicas = self._pool.routable(route.model_name, route.model_version)
+        if not replicas or not all(r.load.saturated for r in replicas):
+            return
+        if not self._limiter.holds_share(route.model_name, route.tenant):
+            return
+        metrics.REJECTED.labels(route.model_name, "saturated").inc()
+        raise Overloaded(
+            f"every replica of '{route.model_name}' is at capacity (each estimates a wait past what it queues); "
+            f"retry later", retry_after_s=min(r.load.retry_after_s for r in replicas),
         )
 
-    def forward_unary(self, method: str) -> Callable:
+    def _is_llm(self, model_name: str) -> bool:
+        return self._catalog.task(model_name) == "generation"
+
+    def _tokenizer_for(self, route: RouteRequest):
+        """The prompt tokenizer, when the model's policy routes by prompt blocks and it is loaded."""
+        if not self._pool.policy_for(route.model_name).needs_prompt_blocks:
+            return None
+        backends = self._pool.routable(route.model_name, route.model_version)
+        if not backends:
+            return None
+        return self._prompts.get(route.model_name, min(b.model_version for b in backends))
+
+    # -- forwarded calls -------------------------------------------------------------------------
+
+    def forward_unary(self, method: str, message_class) -> Callable:
         async def handle(request_bytes: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            backend, metadata = await self._route(request_bytes, context)
-            try:
-                return await self._call(backend, method, request_bytes, context, metadata)
-            except grpc.aio.AioRpcError as error:
-                if error.code() is grpc.StatusCode.UNAVAILABLE:
-                    # The worker could not be reached (or is draining): it has not run the request,
-                    # so one other replica may take it.
-                    other = self._pool.pick(backend.model_name, backend.model_version, exclude=backend)
-                    if other is not None:
-                        try:
-                            return await self._call(other, method, request_bytes, context, metadata)
-                        except grpc.aio.AioRpcError as retry_error:
-                            error = retry_error
-                await context.abort(error.code(), error.details())
+            request = parse_request(message_class, request_bytes)
+            prompt_token_ids = None
+            if message_class is pb.ModelInferRequest:
+                check_infer_request(request, len(request_bytes))
+            route, metadata = self._route(*_identity(request), context)
+            if message_class is pb.ModelInferRequest and self._is_llm(route.model_name):
+                request_bytes, prompt_token_ids = self._with_triton_prompt_ids(route, request, request_bytes)
+            with self._limiter.hold(route.model_name, route.tenant):
+                backend = await self._first(route, prompt_token_ids)
+                try:
+                    return await self._relay.unary(method, route, request_bytes, context, metadata, backend,
+                                                   prompt_token_ids)
+                except RelayError as failure:
+                    await failure.abort(context)
 
         return handle
 
-    async def _call(self, backend: Backend, method: str, request_bytes: bytes, context, metadata) -> bytes:
-        backend.num_outstanding += 1
-        try:
-            return await backend.unary(method)(
-                request_bytes, timeout=context.time_remaining(), metadata=metadata
-            )
-        finally:
-            backend.num_outstanding -= 1
-
-    async def _route(self, request_bytes: bytes, context) -> tuple[Backend, tuple]:
-        """Parse the routing header, bind it to the logs, pick a worker: (backend, metadata)."""
-        header = routing_pb2.RoutingHeader.FromString(request_bytes)
-        request_id = _request_id(header)
-        bind_request(request_id, header.model_name, header.model_version)
-        backend = await self._choose(header)
-        return backend, _forwardable(context.invocation_metadata(), request_id)
-
-    def forward_unary_stream(self, method: str) -> Callable:
+    def generate(self) -> Callable:
         async def handle(request_bytes: bytes, context: grpc.aio.ServicerContext):
-            backend, metadata = await self._route(request_bytes, context)
-            call = backend.unary_stream(method)(request_bytes, timeout=context.time_remaining(), metadata=metadata)
-            async for response in _relay(backend, call, context):
-                yield response
+            request = parse_request(generation_pb2.GenerateRequest, request_bytes)
+            route, metadata = self._route(request.model_name, request.model_version, request.id, context)
+            prompt_token_ids = list(request.prompt_token_ids) or None
+            tokenizer = None if prompt_token_ids else self._tokenizer_for(route)
+            if tokenizer is not None:
+                if request.WhichOneof("input") == "messages":
+                    messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+                    prompt_token_ids = tokenizer.token_ids(messages=messages)
+                else:
+                    prompt_token_ids = tokenizer.token_ids(prompt=request.prompt)
+                # Forwarded, so the worker does not tokenize again (a message followed by another
+                # is their merge: the original bytes stay as they are).
+                request_bytes += generation_pb2.GenerateRequest(prompt_token_ids=prompt_token_ids).SerializeToString()
+            with self._limiter.hold(route.model_name, route.tenant):
+                backend = await self._first(route, prompt_token_ids)
+                try:
+                    async for response in self._relay.stream(
+                        _NATIVE_GENERATE, route, request_bytes, context, metadata, backend, prompt_token_ids
+                    ):
+                        yield response
+                except RelayError as failure:
+                    await failure.abort(context)
 
         return handle
 
-    def forward_stream(self, method: str) -> Callable:
-        """ModelStreamInfer: each request on the caller's stream is routed on its own.
+    def forward_stream(self) -> Callable:
+        """ModelStreamInfer: each request on the caller's stream is admitted and routed on its own.
 
-        Requests for one worker share one stream to it (opened at its first request); responses
-        from all of them are merged back as they come. A request that cannot be routed (unknown
-        model, no replica) gets an in-stream error and the stream goes on, as Triton does.
+        A generation request runs on a one-request stream to its worker (so it can continue on
+        another replica if that one goes away); any other model's request is a ModelInfer call.
+        Responses are merged back as they come. A request that cannot be routed or fails gets an
+        in-stream error (its id and the message) and the stream goes on, as Triton does; bytes that
+        are not a ModelInferRequest at all end the stream with INVALID_ARGUMENT, as on a worker.
         """
 
         async def handle(request_iterator, context: grpc.aio.ServicerContext):
             responses: asyncio.Queue = asyncio.Queue()
-            stream_id = uuid.uuid4().hex[:16]
-            metadata = _forwardable(context.invocation_metadata(), stream_id)
-            outgoing: dict[str, asyncio.Queue] = {}
-            pumps: list[asyncio.Task] = []
+            tasks: set[asyncio.Task] = set()
 
-            async def pump(backend: Backend, requests: asyncio.Queue) -> None:
-                async def drain():
-                    while (request := await requests.get()) is not None:
-                        yield request
-
-                call = backend.stream_stream(method)(drain(), timeout=context.time_remaining(), metadata=metadata)
-                backend.num_outstanding += 1
+            async def serve(request, request_bytes: bytes) -> None:
+                request_id = request.id
                 try:
-                    async for response in call:
-                        await responses.put(response)
-                except grpc.aio.AioRpcError as error:  # the worker's stream failed: so does the caller's
-                    await responses.put(error)
-                finally:
-                    backend.num_outstanding -= 1
-                    call.cancel()
+                    check_infer_request(request, len(request_bytes))
+                    route, metadata = self._route(request.model_name, request.model_version, request.id, context)
+                    with self._limiter.hold(route.model_name, route.tenant):
+                        await self._serve_stream_request(route, request, request_bytes, context, metadata, responses)
+                except (TensoryardError, RelayError) as error:
+                    message = error.details if isinstance(error, RelayError) else status_for(error)[1]
+                    await responses.put(_stream_error(request_id, message))
 
             async def read() -> None:
                 async for request_bytes in request_iterator:
-                    header = routing_pb2.RoutingHeader.FromString(request_bytes)
-                    bind_request(header.id or stream_id, header.model_name, header.model_version)
                     try:
-                        backend = await self._choose(header)
-                    except TensoryardError as error:
-                        await responses.put(_stream_error(header, error.message))
-                        continue
-                    key = backend.instance.instance_id
-                    if key not in outgoing:
-                        outgoing[key] = asyncio.Queue()
-                        pumps.append(asyncio.create_task(pump(backend, outgoing[key])))
-                    await outgoing[key].put(request_bytes)
-                for requests in outgoing.values():
-                    await requests.put(None)  # half-close: the caller sends nothing more
-                await asyncio.gather(*pumps)
+                        request = parse_request(pb.ModelInferRequest, request_bytes)
+                    except InvalidArgument as error:
+                        await responses.put(error)
+                        return
+                    task = asyncio.create_task(serve(request, request_bytes))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks))
                 await responses.put(None)
 
             reader = asyncio.create_task(read())
             try:
                 while (response := await responses.get()) is not None:
-                    if isinstance(response, grpc.aio.AioRpcError):
-                        await context.abort(response.code(), response.details())
+                    if isinstance(response, InvalidArgument):
+                        raise response
                     yield response
                 await reader
             finally:
                 reader.cancel()
-                for task in pumps:
+                for task in list(tasks):
                     task.cancel()
 
         return handle
 
+    async def _serve_stream_request(self, route, request, request_bytes: bytes, context, metadata, responses) -> None:
+        if self._is_llm(route.model_name):
+            request_bytes, prompt_token_ids = self._with_triton_prompt_ids(route, request, request_bytes)
+            backend = await self._first(route, prompt_token_ids)
+            async for response in self._relay.stream(
+                _TRITON_GENERATE, route, request_bytes, context, metadata, backend, prompt_token_ids
+            ):
+                await responses.put(response)
+            return
+        backend = await self._first(route, None)
+        reply = await self._relay.unary(MODEL_INFER, route, request_bytes, context, metadata, backend)
+        await responses.put(_as_stream_response(reply))
+
+    def _with_triton_prompt_ids(self, route: RouteRequest, request, request_bytes: bytes):
+        """For an LLM request in Triton's form: the prompt's token ids (when the policy routes by
+        prompt blocks), forwarded as a parameter. Returns (request bytes, token ids or None)."""
+        tokenizer = self._tokenizer_for(route)
+        if tokenizer is None or PROMPT_TOKEN_IDS_PARAMETER in request.parameters:
+            return request_bytes, None
+        prompt = _triton_text_input(request)
+        if prompt is None:
+            return request_bytes, None  # the worker names what is wrong with the request
+        token_ids = tokenizer.token_ids(prompt=prompt)
+        extra = pb.ModelInferRequest(parameters={
+            PROMPT_TOKEN_IDS_PARAMETER: pb.InferParameter(string_param=" ".join(map(str, token_ids))),
+        })
+        return request_bytes + extra.SerializeToString(), token_ids
+
     # -- answered here ---------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Discovery is followed, and every model this router serves has a routable replica."""
+        return self._pool.synced.is_set() and not self.models_without_replica()
+
+    def models_without_replica(self) -> list[str]:
+        return [name for name in self.served_models if not self._pool.routable(name)]
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self._pool.synced.is_set())
+        return pb.ServerReadyResponse(ready=self.ready())
 
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=bool(self._pool.backends(request.name, request.version)))
+        return pb.ModelReadyResponse(ready=bool(self._pool.routable(request.name, request.version)))
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(
@@ -198,7 +279,7 @@ class RoutingServicer:
         models = []
         for name, versions in sorted(self._catalog.models().items()):
             for version in versions:
-                ready = bool(self._pool.backends(name, str(version)))
+                ready = bool(self._pool.routable(name, str(version)))
                 if request.ready and not ready:
                     continue
                 models.append(
@@ -228,27 +309,64 @@ class RoutingServicer:
         return pb.ModelStatisticsResponse(model_stats=merged)
 
 
-def _stream_error(header: routing_pb2.RoutingHeader, message: str) -> bytes:
+def _identity(request) -> tuple[str, str, str]:
+    """(model, version, request id): field names differ by message (ModelMetadataRequest and
+    ModelConfigRequest say name and version, and carry no id), field numbers do not."""
+    if hasattr(request, "model_name"):
+        return request.model_name, request.model_version, request.id
+    return request.name, request.version, ""
+
+
+def _triton_text_input(request) -> str | None:
+    """The first element of the request's text_input, decoded; None if it cannot be read."""
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name != "text_input" or tensor.datatype != "BYTES":
+            continue
+        if request.raw_input_contents:
+            if index >= len(request.raw_input_contents):
+                return None
+            raw = request.raw_input_contents[index]
+            if len(raw) < 4:
+                return None
+            (length,) = struct.unpack_from("<I", raw)
+            data = raw[4 : 4 + length]
+            if len(data) != length:
+                return None
+        elif tensor.contents.bytes_contents:
+            data = tensor.contents.bytes_contents[0]
+        else:
+            return None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
+def _stream_error(request_id: str, message: str) -> bytes:
     """An in-stream error for one request, as a worker (or Triton) sends it."""
     response = pb.ModelStreamInferResponse(
-        error_message=message, infer_response=pb.ModelInferResponse(id=header.id)
+        error_message=message, infer_response=pb.ModelInferResponse(id=request_id)
     )
     return response.SerializeToString()
 
 
-async def _relay(backend: Backend, call, context):
-    """The worker's responses, as they come; its status becomes the caller's."""
-    backend.num_outstanding += 1
-    try:
-        async for response in call:
-            yield response
-    except grpc.aio.AioRpcError as error:
-        await context.abort(error.code(), error.details())
-    finally:
-        # A caller that hung up cancels this handler; cancelling the worker's call is what makes
-        # the worker abort the sequence and free its KV blocks.
-        backend.num_outstanding -= 1
-        call.cancel()
+def _as_stream_response(infer_response: bytes) -> bytes:
+    """ModelStreamInferResponse{infer_response = these bytes}, without decoding them: field 2,
+    length-delimited."""
+    return b"\x12" + _varint(len(infer_response)) + infer_response
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
 def _unimplemented(reason: str) -> Callable:
@@ -271,17 +389,22 @@ _UNSUPPORTED = {
     "TraceSetting": "tracing settings are not supported",
     "LogSettings": "log settings are set per process at start-up",
 }
+_FORWARDED = {
+    "ModelInfer": pb.ModelInferRequest,
+    "ModelMetadata": pb.ModelMetadataRequest,
+    "ModelConfig": pb.ModelConfigRequest,
+}
 
 
 def inference_handler(servicer: RoutingServicer) -> grpc.GenericRpcHandler:
     """One generic handler for the whole service: raw for forwarded calls, typed for the rest."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
-    for name in ("ModelInfer", "ModelMetadata", "ModelConfig"):
-        handlers[name] = grpc.unary_unary_rpc_method_handler(servicer.forward_unary(f"/{SERVICE}/{name}"))
-    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-        servicer.forward_stream(f"/{SERVICE}/ModelStreamInfer")
-    )
+    for name, message_class in _FORWARDED.items():
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            servicer.forward_unary(f"/{SERVICE}/{name}", message_class)
+        )
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(servicer.forward_stream())
     for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "RepositoryIndex", "ModelStatistics"):
         method = service.methods_by_name[name]
         handlers[name] = grpc.unary_unary_rpc_method_handler(
@@ -304,10 +427,10 @@ def inference_handler(servicer: RoutingServicer) -> grpc.GenericRpcHandler:
 
 def native_handlers(servicer: RoutingServicer) -> list[tuple[grpc.GenericRpcHandler, str]]:
     """Forwarded native APIs, bytes in and bytes out like ModelInfer."""
-    embed = grpc.unary_unary_rpc_method_handler(servicer.forward_unary("/tensoryard.v1.Embeddings/Embed"))
-    generate = grpc.unary_stream_rpc_method_handler(
-        servicer.forward_unary_stream("/tensoryard.v1.TextGeneration/Generate")
+    embed = grpc.unary_unary_rpc_method_handler(
+        servicer.forward_unary("/tensoryard.v1.Embeddings/Embed", embeddings_pb2.EmbedRequest)
     )
+    generate = grpc.unary_stream_rpc_method_handler(servicer.generate())
     return [
         (grpc.method_handlers_generic_handler("tensoryard.v1.Embeddings", {"Embed": embed}), "tensoryard.v1.Embeddings"),
         (

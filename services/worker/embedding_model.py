@@ -44,6 +44,7 @@ class EmbedJob:
 class EmbeddingModel:
     platform = PLATFORM
     decoupled = False
+    reports_load = False  # no engine reports: each finished request wakes the load stream
 
     def __init__(self, name: str, version: str, encoder: SentenceEncoder, batcher_config: BatcherConfig):
         self.name = name

@@ -12,7 +12,16 @@ Triton's LLM conventions (what its vLLM and TensorRT-LLM backends accept):
 The engine runs on its own thread (`EngineLoop`); this module only turns requests into token ids
 and sampling parameters, and engine outputs into responses. A request that goes away (client
 cancel, deadline, stream closed) aborts its engine sequence, which frees its KV blocks at the
-engine's next step.
+engine's next step. Each request passes admission control (`admission.py`) before it reaches the
+engine, one by one on streams too.
+
+Router extensions (Triton parameters a router adds; plain Triton clients never need them):
+  tensoryard_prompt_token_ids   the prompt already tokenized by the router ("1 2 3"), used instead
+                                of tokenizing text_input again
+  tensoryard_resume_token_ids   output tokens another replica already streamed: continue after them
+  and, on a router's one-request stream (metadata `x-tensoryard-router-stream: 1`), every streamed
+  response carries `tensoryard_token_ids`, the tokens behind its text, so the router can resume the
+  stream elsewhere if this replica goes away (it strips the parameter before the client sees it).
 """
 
 from __future__ import annotations
@@ -26,19 +35,28 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from protos.inference import grpc_service_pb2 as pb
-from services.common.errors import DeadlineExceeded, InvalidArgument, TensoryardError, status_for
+from services.common.chat_template import ChatTemplate
+from services.common.errors import DeadlineExceeded, InvalidArgument, TensoryardError, Unavailable, status_for
+from services.common.prompting import prompt_token_ids
+from services.worker.admission import AdmissionConfig, AdmissionController, WorkItem
 from services.worker.batch_stats import BatcherStats, DurationStat
-from services.worker.chat_template import ChatTemplate
 from services.worker.engine.engine import RequestOutput
-from services.worker.engine.loop import EngineLoop
+from services.worker.engine.loop import EngineLoop, EngineReport
 from services.worker.engine.sampler import SamplingParams
+from services.worker.load_reports import LoadPublisher
 from services.worker.tensor_codec import TensorSpec, check_requested_outputs, decode_inputs, encode_bytes_tensor
 
 PLATFORM = "tensoryard_llm"
 DEFAULT_MAX_TOKENS = 256
 
+PROMPT_TOKEN_IDS_PARAMETER = "tensoryard_prompt_token_ids"
+RESUME_TOKEN_IDS_PARAMETER = "tensoryard_resume_token_ids"
+TOKEN_IDS_PARAMETER = "tensoryard_token_ids"
 # Request parameters that are not sampling parameters.
-_TRANSPORT_PARAMETERS = {"stream", "priority", "timeout", "triton_enable_empty_final_response"}
+_TRANSPORT_PARAMETERS = {
+    "stream", "priority", "timeout", "triton_enable_empty_final_response",
+    PROMPT_TOKEN_IDS_PARAMETER, RESUME_TOKEN_IDS_PARAMETER,
+}
 # (sampling parameters may also arrive together as one JSON string, "sampling_parameters", the way
 # Triton's vLLM backend takes them)
 _SAMPLING_NAMES = {f.name for f in fields(SamplingParams)}
@@ -56,8 +74,26 @@ class AsyncStream:
     def put(self, item) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
+    def put_now(self, item) -> None:
+        """From the consumer's own event loop."""
+        self._queue.put_nowait(item)
+
     async def get(self):
         return await self._queue.get()
+
+
+@dataclass(frozen=True, slots=True)
+class _StreamFailed:
+    """Ends a ModelStreamInfer stream with this error's status."""
+
+    error: Exception
+
+
+@dataclass(frozen=True, slots=True)
+class _CutOff:
+    """Put in a generation's stream by cut_off(): end it now with UNAVAILABLE."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +103,9 @@ class GenerationJob:
     priority: int = 0
     stream: bool = True
     empty_final_response: bool = False
+    tenant: str = ""
+    resume_token_ids: tuple[int, ...] = ()  # streamed by another replica already
+    report_token_ids: bool = False  # streamed responses name their tokens (for a router)
 
 
 @dataclass(slots=True)
@@ -86,6 +125,7 @@ class GenerationModel:
     platform = PLATFORM
     decoupled = True
     max_batch_size = 0
+    reports_load = True  # the engine's reports wake the load stream
 
     def __init__(
         self,
@@ -97,6 +137,9 @@ class GenerationModel:
         sampling_defaults: dict,
         max_model_len: int,
         device: str = "cpu",
+        admission: AdmissionConfig | None = None,
+        publisher: LoadPublisher | None = None,
+        block_size: int = 0,
     ):
         self.name = name
         self.version = version
@@ -113,10 +156,33 @@ class GenerationModel:
         }
         self.outputs = {"text_output": TensorSpec("text_output", "BYTES", (1,))}
         self.counters = GenerationCounters()
+        self.admission = AdmissionController(admission or AdmissionConfig())
+        self.publisher = publisher or LoadPublisher()
+        self.publisher.block_size = block_size
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._active: set[AsyncStream] = set()  # in-flight generations, for cut_off()
+        self.last_report_at_s = time.monotonic()
+        loop.on_report(self._on_report)
+
+    def start_serving(self, event_loop: asyncio.AbstractEventLoop) -> None:
+        """From now on engine reports update admission control on this event loop."""
+        self._event_loop = event_loop
+        self.publisher.attach(event_loop)
+
+    def _on_report(self, report: EngineReport) -> None:
+        """On the engine's dispatcher thread, after each step and each idle heartbeat."""
+        self.publisher.publish(report.kv_events.stored, report.kv_events.removed)
+        if self._event_loop is not None:
+            try:
+                self._event_loop.call_soon_threadsafe(self.admission.update, report.stats, report.num_requests_received)
+            except RuntimeError:  # the event loop has closed: the process is stopping
+                pass
 
     # -- requests -> jobs ------------------------------------------------------------------------
 
-    def sampling_params(self, overrides: dict) -> SamplingParams:
+    def sampling_params(self, overrides: dict, num_prompt_tokens: int = 0) -> SamplingParams:
+        """Overrides on top of the model's defaults. An explicit max_tokens past the context left after
+        the prompt is refused (as vLLM does); the default one is cut to fit."""
         unknown = set(overrides) - _SAMPLING_NAMES
         if unknown:
             raise InvalidArgument(
@@ -124,25 +190,36 @@ class GenerationModel:
                 f"known: {', '.join(sorted(_SAMPLING_NAMES))}"
             )
         values = {**self.sampling_defaults, **overrides}
+        context_left = self.max_model_len - num_prompt_tokens
+        max_tokens = values.get("max_tokens")
+        if num_prompt_tokens and isinstance(max_tokens, int) and max_tokens > context_left:
+            if "max_tokens" in overrides:
+                raise InvalidArgument(
+                    f"model '{self.name}' has a context of {self.max_model_len} tokens and the prompt takes "
+                    f"{num_prompt_tokens}: max_tokens may be at most {context_left}, not {max_tokens}"
+                )
+            values["max_tokens"] = context_left
         try:
             return SamplingParams(**values)
         except (TypeError, ValueError) as error:
             raise InvalidArgument(str(error)) from None
 
     def job_from_prompt(self, prompt: str, overrides: dict, priority: int = 0, stream: bool = True,
-                        empty_final_response: bool = False) -> GenerationJob:
-        token_ids = self.tokenizer.encode(prompt, add_special_tokens=True).ids
-        return self._job(token_ids, overrides, priority, stream, empty_final_response)
+                        empty_final_response: bool = False, **routing) -> GenerationJob:
+        token_ids = routing.pop("prompt_token_ids", None) or prompt_token_ids(
+            self.tokenizer, self.chat_template, self.name, prompt=prompt
+        )
+        return self._job(token_ids, overrides, priority, stream, empty_final_response, **routing)
 
-    def job_from_messages(self, messages: list[dict[str, str]], overrides: dict, priority: int = 0) -> GenerationJob:
-        if self.chat_template is None:
-            raise InvalidArgument(f"model '{self.name}' has no chat template: send a prompt instead")
-        text = self.chat_template.render(messages)
-        # The template writes the special tokens itself.
-        token_ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return self._job(token_ids, overrides, priority, True, False)
+    def job_from_messages(self, messages: list[dict[str, str]], overrides: dict, priority: int = 0,
+                          **routing) -> GenerationJob:
+        token_ids = routing.pop("prompt_token_ids", None) or prompt_token_ids(
+            self.tokenizer, self.chat_template, self.name, messages=messages
+        )
+        return self._job(token_ids, overrides, priority, True, False, **routing)
 
-    def _job(self, token_ids, overrides, priority, stream, empty_final_response) -> GenerationJob:
+    def _job(self, token_ids, overrides, priority, stream, empty_final_response, tenant: str = "",
+             resume_token_ids=(), report_token_ids: bool = False) -> GenerationJob:
         if not token_ids:
             raise InvalidArgument("the prompt is empty")
         if len(token_ids) >= self.max_model_len:
@@ -150,9 +227,18 @@ class GenerationModel:
                 f"the prompt has {len(token_ids)} tokens; model '{self.name}' takes at most "
                 f"{self.max_model_len - 1} prompt tokens ({self.max_model_len} with the output)"
             )
-        return GenerationJob(token_ids, self.sampling_params(overrides), priority, stream, empty_final_response)
+        vocab_size = self.tokenizer.get_vocab_size()
+        for name, ids in (("prompt_token_ids", token_ids), ("resume_token_ids", resume_token_ids)):
+            if any(not 0 <= t < vocab_size for t in ids):
+                raise InvalidArgument(f"{name} must be token ids in [0, {vocab_size})")
+        params = self.sampling_params(overrides, len(token_ids))
+        if len(resume_token_ids) >= params.max_tokens:
+            raise InvalidArgument(f"{len(resume_token_ids)} tokens to resume from, but max_tokens is {params.max_tokens}")
+        return GenerationJob(list(token_ids), params, priority, stream, empty_final_response, tenant,
+                             tuple(resume_token_ids), report_token_ids)
 
-    def job_from_infer_request(self, request, streaming_call: bool) -> GenerationJob:
+    def job_from_infer_request(self, request, streaming_call: bool, tenant: str = "",
+                               report_token_ids: bool = False) -> GenerationJob:
         check_requested_outputs(request, self.outputs, self.name)
         arrays, _ = decode_inputs(request, self.inputs, self.name, self.max_batch_size)
         prompt = arrays["text_input"].reshape(-1)[0]
@@ -175,9 +261,13 @@ class GenerationModel:
         return self.job_from_prompt(
             prompt,
             overrides,
-            priority=int(parameters.get("priority", 0)),
+            priority=_int_parameter(parameters, "priority"),
             stream=stream,
             empty_final_response=bool(parameters.get("triton_enable_empty_final_response", False)),
+            tenant=tenant,
+            prompt_token_ids=_token_ids_parameter(parameters, PROMPT_TOKEN_IDS_PARAMETER),
+            resume_token_ids=_token_ids_parameter(parameters, RESUME_TOKEN_IDS_PARAMETER),
+            report_token_ids=report_token_ids and stream,
         )
 
     # -- running ---------------------------------------------------------------------------------
@@ -187,14 +277,22 @@ class GenerationModel:
         engine_request_id = uuid.uuid4().hex
         started_ns = time.monotonic_ns()
         deadline_s = time.monotonic() + timeout_s if timeout_s else None
+        work = WorkItem(job.tenant, len(job.prompt_token_ids) + len(job.resume_token_ids),
+                        job.params.max_tokens - len(job.resume_token_ids), job.params.ignore_eos)
+        self.admission.admit(work, timeout_s, resumed=bool(job.resume_token_ids))
         stream = AsyncStream(asyncio.get_running_loop())
-        self.loop.submit(engine_request_id, job.prompt_token_ids, job.params, job.priority, deadline_s, stream=stream)
+        self.loop.submit(engine_request_id, job.prompt_token_ids, job.params, job.priority, deadline_s, stream=stream,
+                         tenant=job.tenant, output_token_ids=job.resume_token_ids)
+        self.admission.admitted(work, self.loop.num_submitted)
+        self._active.add(stream)
         finished = False
         first_output_ns = None
         try:
             while True:
                 item = await stream.get()
-                if isinstance(item, TensoryardError):
+                if isinstance(item, _CutOff):  # the engine still runs it: the finally aborts it
+                    raise Unavailable(item.reason)
+                if isinstance(item, TensoryardError):  # from the engine, which has dropped it
                     finished = True
                     raise item
                 first_output_ns = first_output_ns or time.monotonic_ns()
@@ -210,8 +308,17 @@ class GenerationModel:
             self._count_failed(started_ns)
             raise
         finally:
+            self._active.discard(stream)
             if not finished:
                 self.loop.abort(engine_request_id)
+
+    def cut_off(self, reason: str) -> int:
+        """Ends every generation in flight with UNAVAILABLE (a router resumes each elsewhere) and
+        aborts their engine sequences; returns how many. The drain's last step."""
+        streams, self._active = self._active, set()
+        for stream in streams:
+            stream.put_now(_CutOff(reason))
+        return len(streams)
 
     async def complete(self, job: GenerationJob, timeout_s: float | None) -> tuple[str, RequestOutput]:
         parts, last = [], None
@@ -220,24 +327,48 @@ class GenerationModel:
             last = output
         return "".join(parts), last
 
-    async def infer(self, request, timeout_s: float | None) -> pb.ModelInferResponse:
-        job = self.job_from_infer_request(request, streaming_call=False)
+    async def infer(self, request, timeout_s: float | None, tenant: str = "") -> pb.ModelInferResponse:
+        job = self.job_from_infer_request(request, streaming_call=False, tenant=tenant)
         text, last = await self.complete(job, timeout_s)
         return self._response(request.id, text, final=True, last=last)
 
-    async def stream_infer(self, request_iterator, timeout_s: float | None):
-        """Serves every request of a stream concurrently; responses interleave as tokens come."""
+    async def stream_infer(self, request_iterator, timeout_s: float | None, admit=None, tenant: str = "",
+                           router_stream: bool = False):
+        """Serves every request of a stream concurrently; responses interleave as tokens come.
+
+        Each request is admitted on its own (`admit(request)` raises to refuse it), so a worker that
+        starts draining stops taking requests on a stream it is still serving. A refusal or a bad
+        request is answered in-band and the stream goes on, as Triton does. When this replica goes
+        away under a generation (drain cut-off, engine failure) the whole stream ends UNAVAILABLE.
+
+        router_stream: the stream carries one request from a router, which resumes it elsewhere if
+        it must: every failure ends the stream with its status (the router answers its caller
+        in-band), and each response names the tokens behind its text.
+        """
         responses: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 
+        def in_band(request, error: Exception) -> pb.ModelStreamInferResponse:
+            _, message = status_for(error)
+            return pb.ModelStreamInferResponse(error_message=message, infer_response=pb.ModelInferResponse(id=request.id))
+
         async def serve(request) -> None:
             try:
-                async for response in self._stream_responses(request, timeout_s):
+                try:
+                    if admit is not None:
+                        admit(request)
+                except TensoryardError as refused:
+                    if router_stream:
+                        raise
+                    await responses.put(in_band(request, refused))
+                    return
+                async for response in self._stream_responses(request, timeout_s, tenant, router_stream):
                     await responses.put(pb.ModelStreamInferResponse(infer_response=response))
-            except Exception as error:  # noqa: BLE001 - reported in-band; the stream stays open
-                _, message = status_for(error)
-                await responses.put(pb.ModelStreamInferResponse(
-                    error_message=message, infer_response=pb.ModelInferResponse(id=request.id)))
+            except Exception as error:  # noqa: BLE001 - every failure is answered, one way or the other
+                if router_stream or isinstance(error, Unavailable):
+                    await responses.put(_StreamFailed(error))
+                else:
+                    await responses.put(in_band(request, error))
 
         async def read() -> None:
             async for request in request_iterator:
@@ -251,6 +382,8 @@ class GenerationModel:
         reader = asyncio.create_task(read())
         try:
             while (response := await responses.get()) is not None:
+                if isinstance(response, _StreamFailed):
+                    raise response.error
                 yield response
             await reader
         finally:
@@ -258,16 +391,24 @@ class GenerationModel:
             for task in list(tasks):
                 task.cancel()
 
-    async def _stream_responses(self, request, timeout_s: float | None):
-        job = self.job_from_infer_request(request, streaming_call=True)
+    async def _stream_responses(self, request, timeout_s: float | None, tenant: str, report_token_ids: bool):
+        job = self.job_from_infer_request(request, streaming_call=True, tenant=tenant,
+                                          report_token_ids=report_token_ids)
         if not job.stream:
             text, last = await self.complete(job, timeout_s)
             yield self._response(request.id, text, final=not job.empty_final_response, last=last)
         else:
+            unsent: list[int] = []  # tokens whose text the detokenizer still holds back
             async for output in self.generate(job, timeout_s):
                 final = output.finished and not job.empty_final_response
+                unsent.extend(output.new_token_ids)
                 if output.text_delta or output.finished and final:
-                    yield self._response(request.id, output.text_delta, final=final, last=output if output.finished else None)
+                    response = self._response(request.id, output.text_delta, final=final,
+                                              last=output if output.finished else None)
+                    if job.report_token_ids:
+                        response.parameters[TOKEN_IDS_PARAMETER].string_param = " ".join(map(str, unsent))
+                    unsent = []
+                    yield response
         if job.empty_final_response:
             # As Triton sends it: name, id and the flag, no version.
             yield pb.ModelInferResponse(
@@ -327,15 +468,47 @@ class GenerationModel:
         stats = self.loop.stats()
         if stats is None:
             return {}
+        estimate = self.admission.estimate(WorkItem("", 0, 1, True))
         return {
             "num_kv_blocks_total": stats.num_total_blocks,
             "num_kv_blocks_used": stats.num_used_blocks,
+            "num_kv_blocks_free": stats.num_free_blocks,
             "num_running": stats.num_running,
             "num_waiting": stats.num_waiting,
+            "num_queued_prompt_tokens": stats.num_queued_prompt_tokens,
+            "num_prefix_query_tokens": stats.num_prefix_query_tokens,
+            "num_prefix_hit_tokens": stats.num_prefix_hit_tokens,
+            "num_generated_tokens": stats.num_generated_tokens,
+            "max_num_seqs": stats.max_num_seqs,
+            "estimated_queue_wait_s": estimate.queue_wait_s if estimate else 0.0,
+            "queue_wait_bound_s": self.admission.queue_wait_bound_s(stats) if stats.step_cost else 0.0,
+            **({"step_base_s": stats.step_cost.base_s, "step_per_seq_s": stats.step_cost.per_seq_s,
+                "step_per_prefill_token_s": stats.step_cost.per_prefill_token_s} if stats.step_cost else {}),
+            "num_rejected": self.admission.num_rejected,
+            "last_step_unix_ms": int((time.time() - (time.monotonic() - self.loop.last_progress_s)) * 1000),
         }
 
     def close(self) -> None:
         self.loop.shutdown()
+
+
+def _int_parameter(parameters: dict, name: str) -> int:
+    value = parameters.get(name, 0)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"parameter {name}: {value!r} is not an integer") from None
+
+
+def _token_ids_parameter(parameters: dict, name: str) -> list[int]:
+    """Token ids a router sends as a string parameter: "1 2 3"."""
+    value = parameters.get(name)
+    if value is None:
+        return []
+    try:
+        return [int(t) for t in str(value).split()]
+    except ValueError:
+        raise InvalidArgument(f"parameter {name} must be token ids separated by spaces") from None
 
 
 def _parameter_value(parameter: pb.InferParameter):

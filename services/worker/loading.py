@@ -11,14 +11,16 @@ from tokenizers import Tokenizer
 
 from services.common.config import WorkerConfig
 from services.common.errors import FailedPrecondition
+from services.worker.admission import AdmissionConfig
 from services.worker.batcher import BatcherConfig
-from services.worker.chat_template import ChatTemplate
+from services.common.chat_template import ChatTemplate
 from services.worker.embedding_model import EmbeddingModel
 from services.worker.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from services.worker.engine.engine import LLMEngine
 from services.worker.engine.loop import EngineLoop
 from services.worker.engine.sampler import SamplingParams
 from services.worker.generation_model import GenerationModel, sampling_defaults_from
+from services.worker.load_reports import LoadPublisher
 from services.worker.model_files import FetchedVersion
 from services.worker.models.sentence_encoder import SentenceEncoder
 
@@ -72,7 +74,19 @@ def engine_config_for(fetched: FetchedVersion, config: WorkerConfig) -> EngineCo
     )
 
 
-def load_model(fetched: FetchedVersion, config: WorkerConfig):
+def admission_config_for(fetched: FetchedVersion, config: WorkerConfig, engine: EngineConfig) -> AdmissionConfig:
+    version_config = fetched.config
+    defaults = AdmissionConfig()
+    return AdmissionConfig(
+        max_num_waiting=engine.scheduler.max_num_waiting,
+        max_num_queued_tokens=int(config.max_num_queued_tokens or version_config.get("max_num_queued_tokens")
+                                  or defaults.max_num_queued_tokens),
+        max_queue_wait_s=float(config.max_queue_wait_s or version_config.get("max_queue_wait_s")
+                               or defaults.max_queue_wait_s),  # 0: auto
+    )
+
+
+def load_model(fetched: FetchedVersion, config: WorkerConfig, publisher: LoadPublisher | None = None):
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
     if fetched.task == "embedding":
@@ -81,13 +95,13 @@ def load_model(fetched: FetchedVersion, config: WorkerConfig):
             fetched.model_name, str(fetched.version), encoder, batcher_config_for(fetched.config, config)
         )
     if fetched.task == "generation":
-        return _load_generation_model(fetched, config)
+        return _load_generation_model(fetched, config, publisher)
     raise FailedPrecondition(
         f"model '{fetched.model_name}' has task {fetched.task!r}; workers serve embedding and generation models"
     )
 
 
-def _load_generation_model(fetched: FetchedVersion, config: WorkerConfig) -> GenerationModel:
+def _load_generation_model(fetched: FetchedVersion, config: WorkerConfig, publisher) -> GenerationModel:
     tokenizer = Tokenizer.from_file(str(fetched.folder / "tokenizer.json"))
     engine_config = engine_config_for(fetched, config)
     engines: list[LLMEngine] = []
@@ -107,6 +121,9 @@ def _load_generation_model(fetched: FetchedVersion, config: WorkerConfig) -> Gen
         sampling_defaults_from(fetched.folder),
         engines[0].max_model_len,
         device=config.device,
+        admission=admission_config_for(fetched, config, engine_config),
+        publisher=publisher,
+        block_size=engine_config.cache.block_size,
     )
 
 
@@ -114,13 +131,25 @@ def warm_up(model, num_batches: int) -> None:
     if isinstance(model, EmbeddingModel):
         model.warm_up(num_batches)
         return
-    # A short and a longer prompt through the whole engine path: allocations, first-call costs.
+    # A short and a longer prompt through the whole engine path (allocations, first-call costs),
+    # then a small batch: the step-time model behind admission control starts from real steps of
+    # several sizes rather than its prior.
     for index in range(num_batches):
         for prompt_tokens in (4, 64):
-            outputs = model.loop.submit(
+            _wait_finished(model.loop.submit(
                 f"warm-up-{index}-{prompt_tokens}", [1] * prompt_tokens, SamplingParams(max_tokens=2, temperature=0)
-            )
-            while not getattr(item := outputs.get(timeout=120), "finished", True):
-                pass
-            if isinstance(item, Exception):
-                raise item
+            ))
+        batch_size = min(8, model.admission.config.max_num_waiting)  # a one-seat queue takes one at a time
+        batch = [
+            model.loop.submit(f"warm-up-{index}-batch-{i}", [2 + i] * 8, SamplingParams(max_tokens=4, temperature=0))
+            for i in range(batch_size)
+        ]
+        for outputs in batch:
+            _wait_finished(outputs)
+
+
+def _wait_finished(outputs) -> None:
+    while not getattr(item := outputs.get(timeout=120), "finished", True):
+        pass
+    if isinstance(item, Exception):
+        raise item

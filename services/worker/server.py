@@ -5,13 +5,23 @@ Order matters and is what health reports:
 2. the model's files are fetched and each sha256 verified (a mismatch ends the process, exit 3);
 3. weights load from safetensors and the model warms up;
 4. health turns SERVING and only then does the worker register in discovery;
-5. on SIGTERM / SIGINT: deregister first (routers stop sending), refuse new work, finish what is in
-   flight, stop.
+5. on SIGTERM / SIGINT: NOT_SERVING and deregister first (routers stop sending; the load stream tells
+   them at once), refuse new work, let in-flight requests finish within the grace period
+   (`drain_timeout_s`), then cut off what is left with UNAVAILABLE — a router resumes each such
+   generation on another replica — and stop.
+
+Honest health. An LLM worker is SERVING only while its engine makes progress: the engine reports
+after each step and every heartbeat when idle; with no report for `progress_timeout_s` the worker
+turns NOT_SERVING (state STALLED, and routers route around it) until reports resume. An engine that
+fails (its step raised) ends the process: NOT_SERVING, deregistered, in-flight requests end
+UNAVAILABLE (routers resume them elsewhere), exit code 5, and the supervisor starts a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 import uuid
 
 from protos.inference import grpc_service_pb2_grpc
@@ -22,6 +32,7 @@ from services.common.discovery import DiscoveryClient, Registration
 from services.common.errors import IntegrityError
 from services.common.grpc_server import GrpcHost, aio_channel, install_signal_handlers
 from services.common.telemetry import get_logger, start_metrics_server
+from services.worker.generation_model import GenerationModel
 from services.worker.loading import load_model, warm_up
 from services.worker.malloc_tuning import keep_freed_memory
 from services.worker.model_files import fetch_version
@@ -37,15 +48,22 @@ log = get_logger(__name__)
 
 EXIT_INTEGRITY = 3
 EXIT_LOAD_FAILED = 4
+EXIT_ENGINE_FAILED = 5
+# After the drain cut off the generations left, how long they get to end before the server stops.
+CUT_OFF_GRACE_S = 0.5
 
 
 class Worker:
     def __init__(self, config: WorkerConfig):
         self.config = config
-        self.state = WorkerState(worker_id=uuid.uuid4().hex[:12], model_name=config.model_name)
-        self.host = GrpcHost()
+        self.state = WorkerState(
+            worker_id=uuid.uuid4().hex[:12], model_name=config.model_name,
+            tenant_metadata_key=config.tenant_metadata_key, fault_injection=config.enable_fault_injection,
+        )
+        self.host = GrpcHost(config.max_message_bytes)
         self.registration: Registration | None = None
         self.stopped = asyncio.Event()
+        self.exit_code = 0
 
     async def run(self) -> int:
         metrics_port = start_metrics_server(self.config.telemetry, self.config.host)
@@ -72,17 +90,60 @@ class Worker:
                 address=address,
                 model_name=self.state.model.name,
                 model_version=self.state.model.version,
-                metadata={"metrics_port": str(metrics_port or ""), "platform": self.state.model.platform},
+                metadata={"metrics_port": str(metrics_port or ""), "platform": self.state.model.platform,
+                          "pid": str(os.getpid())},
             ),
             self.config.lease_ttl_ms,
         )
         log.info("worker_ready", address=address, model=self.state.model.name, version=self.state.model.version)
+        watchdog = self._watch_engine()
         await self.stopped.wait()
-        await self.drain(self.config.drain_timeout_s)
-        await self.host.stop(grace_s=1.0)
+        if self.exit_code == 0:
+            await self.drain(self.config.drain_timeout_s)
+        if watchdog is not None:
+            watchdog.cancel()
+        await self.host.stop(grace_s=CUT_OFF_GRACE_S)
         await registry.close()
-        log.info("worker_stopped")
-        return 0
+        log.info("worker_stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    def _watch_engine(self) -> asyncio.Task | None:
+        """For an LLM: follow the engine's progress (health) and its failure (exit)."""
+        model = self.state.model
+        if not isinstance(model, GenerationModel):
+            return None
+        event_loop = asyncio.get_running_loop()
+        model.start_serving(event_loop)
+        model.loop.on_stop(lambda error: event_loop.call_soon_threadsafe(self._engine_stopped, error))
+        return asyncio.create_task(self._watch_progress(model))
+
+    async def _watch_progress(self, model: GenerationModel) -> None:
+        timeout_s = self.config.progress_timeout_s
+        while True:
+            await asyncio.sleep(min(0.1, timeout_s / 10))
+            silent_s = time.monotonic() - model.loop.last_progress_s
+            if silent_s > timeout_s and self.state.phase is Phase.SERVING:
+                log.warning("engine_stalled", silent_s=round(silent_s, 2), timeout_s=timeout_s)
+                self.state.set_phase(Phase.STALLED)
+                await self.host.set_serving(False)
+            elif silent_s <= timeout_s and self.state.phase is Phase.STALLED:
+                log.info("engine_progressing_again")
+                self.state.set_phase(Phase.SERVING)
+                await self.host.set_serving(True)
+
+    def _engine_stopped(self, error) -> None:
+        if error is None or self.state.phase in (Phase.DRAINING, Phase.FAILED):
+            return  # a shutdown we asked for
+        log.error("engine_failed", error=error.message)
+        self.state.set_phase(Phase.FAILED)
+        self.exit_code = EXIT_ENGINE_FAILED
+        asyncio.get_running_loop().create_task(self._leave_after_failure())
+
+    async def _leave_after_failure(self) -> None:
+        await self.host.set_serving(False)
+        if self.registration is not None:
+            await self.registration.stop()
+        self.stopped.set()
 
     def _add_services(self) -> None:
         self.host.add_servicer(
@@ -115,34 +176,43 @@ class Worker:
             log.error("model_files_rejected", error=error.message)
             return EXIT_INTEGRITY
         try:
-            model = await asyncio.to_thread(load_model, fetched, self.config)
+            model = await asyncio.to_thread(load_model, fetched, self.config, self.state.publisher)
             await asyncio.to_thread(warm_up, model, self.config.warmup_batches)
         except Exception as error:  # noqa: BLE001 - any load failure ends this worker, loudly
             log.error("model_load_failed", error=str(error), exc_info=error)
             return EXIT_LOAD_FAILED
         self.state.model = model
-        self.state.phase = Phase.SERVING
+        self.state.set_phase(Phase.SERVING)
         freeze_startup_objects()
         await self.host.set_serving(True)
         return 0
 
     async def drain(self, timeout_s: float | None) -> int:
-        """Deregister, refuse new work, wait for in-flight requests; returns how many finished."""
-        if self.state.phase is Phase.DRAINING:
+        """NOT_SERVING, deregister, refuse new work, give in-flight requests the grace period, then
+        cut off what is left; returns how many finished within the grace period."""
+        if self.state.phase in (Phase.DRAINING, Phase.FAILED):
             return 0
-        self.state.phase = Phase.DRAINING
+        self.state.set_phase(Phase.DRAINING)
         await self.host.set_serving(False)
         if self.registration is not None:
             await self.registration.stop()
         num_in_flight = self.state.num_in_flight
         finished_before = self.state.num_requests_ok + self.state.num_requests_failed
-        deadline = asyncio.get_running_loop().time() + (timeout_s or self.config.drain_timeout_s)
-        while self.state.num_in_flight and asyncio.get_running_loop().time() < deadline:
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + (timeout_s if timeout_s is not None else self.config.drain_timeout_s)
+        while self.state.num_in_flight and clock() < deadline:
             await asyncio.sleep(0.01)
-        if self.state.model is not None:
-            await asyncio.to_thread(self.state.model.close)
         finished = self.state.num_requests_ok + self.state.num_requests_failed - finished_before
-        log.info("worker_drained", in_flight_at_start=num_in_flight, finished=finished)
+        num_cut_off = 0
+        model = self.state.model
+        if self.state.num_in_flight and isinstance(model, GenerationModel):
+            num_cut_off = model.cut_off(f"worker {self.state.worker_id} drained; continue on another replica")
+            cut_off_deadline = clock() + CUT_OFF_GRACE_S
+            while self.state.num_in_flight and clock() < cut_off_deadline:
+                await asyncio.sleep(0.01)
+        if model is not None:
+            await asyncio.to_thread(model.close)
+        log.info("worker_drained", in_flight_at_start=num_in_flight, finished=finished, cut_off=num_cut_off)
         self.stopped.set()
         return finished
 

@@ -21,8 +21,9 @@ from protos.tensoryard.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from services.common.errors import InvalidArgument, NotFound, Unavailable, status_for
-from services.common.grpc_server import bind_request, request_id_from
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, status_for
+from services.common.grpc_server import bind_request, metadata_value, request_id_from
+from services.worker.engine.loop import CrashEngine, HangEngine
 from services.worker import model_views
 from services.worker.embedding_model import EmbeddingModel
 from services.worker.generation_model import GenerationModel
@@ -31,6 +32,14 @@ from services.worker.state import WorkerState
 SERVER_NAME = "tensoryard-worker"
 SERVER_VERSION = "0.1.0"
 SERVER_EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data"]
+
+
+# Set by a router on a ModelStreamInfer call that carries one request (GenerationModel.stream_infer).
+ROUTER_STREAM_HEADER = "x-tensoryard-router-stream"
+
+
+def tenant_of(state: WorkerState, context) -> str:
+    return metadata_value(context, state.tenant_metadata_key)
 
 
 def admit(state: WorkerState, request, context, kind: type | None = None):
@@ -93,14 +102,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         model = admit(self._state, request, context)
         with self._state.track_request():
+            if isinstance(model, GenerationModel):
+                return await model.infer(request, context.time_remaining(), tenant_of(self._state, context))
             return await model.infer(request, context.time_remaining())
 
     async def ModelStreamInfer(self, request_iterator, context):
         model = self._state.model
         if isinstance(model, GenerationModel):
             self._state.check_accepting()
+
+            def admit_one(request) -> None:  # every request on the stream, as it comes
+                admit(self._state, request, context, GenerationModel)
+
             with self._state.track_request():
-                stream = model.stream_infer(request_iterator, context.time_remaining())
+                stream = model.stream_infer(
+                    request_iterator, context.time_remaining(), admit_one, tenant_of(self._state, context),
+                    router_stream=metadata_value(context, ROUTER_STREAM_HEADER) == "1",
+                )
                 async with contextlib.aclosing(stream) as responses:
                     async for response in responses:
                         yield response
@@ -124,11 +142,18 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
     async def Generate(self, request, context):
         model = admit(self._state, request, context, GenerationModel)
         overrides = _sampling_overrides(request.sampling)
+        routing = {
+            "tenant": tenant_of(self._state, context),
+            "prompt_token_ids": list(request.prompt_token_ids),
+            "resume_token_ids": list(request.resume_token_ids),
+        }
         if request.WhichOneof("input") == "messages":
             messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-            job = model.job_from_messages(messages, overrides, request.priority)
+            job = model.job_from_messages(messages, overrides, request.priority, **routing)
+        elif request.WhichOneof("input") == "prompt" or request.prompt_token_ids:
+            job = model.job_from_prompt(request.prompt, overrides, request.priority, **routing)
         else:
-            job = model.job_from_prompt(request.prompt, overrides, request.priority)
+            raise InvalidArgument("the request has no input: set prompt, messages or prompt_token_ids")
         with self._state.track_request():
             async with contextlib.aclosing(model.generate(job, context.time_remaining())) as outputs:
                 async for output in outputs:
@@ -195,10 +220,37 @@ class WorkerControlServicer(worker_pb2_grpc.WorkerControlServicer):
         return self._state.stats_proto()
 
     async def StreamLoad(self, request, context):
-        interval_s = max(request.interval_ms or 500, 50) / 1000
-        while True:
-            yield self._state.stats_proto()
-            await asyncio.sleep(interval_s)
+        """A report when something changed (at most every interval_ms), and a heartbeat at least
+        every heartbeat_ms; KV events only to callers that asked for them."""
+        interval_s = max(request.interval_ms or 50, 10) / 1000
+        heartbeat_s = max(request.heartbeat_ms or 250, 50) / 1000
+        publisher = self._state.publisher
+        subscriber = publisher.subscribe(request.kv_events)
+        try:
+            while True:
+                subscriber.changed.clear()
+                yield worker_pb2.LoadReport(
+                    stats=self._state.stats_proto(), kv_events=publisher.take_events(subscriber)
+                )
+                await asyncio.sleep(interval_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(subscriber.changed.wait(), max(heartbeat_s - interval_s, 0.001))
+        finally:
+            publisher.unsubscribe(subscriber)
+
+    async def InjectFault(self, request, context):
+        if not self._state.fault_injection:
+            raise FailedPrecondition("fault injection is off: start the worker with --enable-fault-injection")
+        model = self._state.model
+        if not isinstance(model, GenerationModel):
+            raise FailedPrecondition("faults can be injected into LLM engines only")
+        if request.fault == worker_pb2.InjectFaultRequest.HANG_ENGINE:
+            model.loop.inject(HangEngine(request.duration_s))
+        elif request.fault == worker_pb2.InjectFaultRequest.CRASH_ENGINE:
+            model.loop.inject(CrashEngine())
+        else:
+            raise InvalidArgument("name a fault: HANG_ENGINE or CRASH_ENGINE")
+        return worker_pb2.InjectFaultResponse()
 
     async def Drain(self, request, context):
         if self._state.model is None:

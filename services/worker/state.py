@@ -9,12 +9,15 @@ from dataclasses import dataclass, field
 
 from protos.tensoryard.v1 import worker_pb2
 from services.common.errors import Unavailable
+from services.worker.load_reports import LoadPublisher
 
 
 class Phase(enum.StrEnum):
     LOADING = "LOADING"  # fetching files, loading weights, warming up: health NOT_SERVING
     SERVING = "SERVING"
+    STALLED = "STALLED"  # the engine made no progress within its window: NOT_SERVING until it does
     DRAINING = "DRAINING"  # finishing in-flight work; new requests get UNAVAILABLE
+    FAILED = "FAILED"  # the engine died: the process is leaving discovery and exiting
 
 
 @dataclass(slots=True)
@@ -28,14 +31,27 @@ class WorkerState:
     num_requests_ok: int = 0
     num_requests_failed: int = 0
     started_at_s: float = field(default_factory=time.time)
+    # Wakes the StreamLoad subscribers (routers) on every change they should hear of at once.
+    publisher: LoadPublisher = field(default_factory=LoadPublisher)
+    tenant_metadata_key: str = "x-tenant-id"
+    fault_injection: bool = False
 
     @property
     def serving(self) -> bool:
         return self.phase is Phase.SERVING and self.model is not None
 
+    def set_phase(self, phase: Phase) -> None:
+        if phase is not self.phase:
+            self.phase = phase
+            self.publisher.publish()  # routers hear of a drain or a stall in the next report
+
     def check_accepting(self) -> None:
         if self.phase is Phase.DRAINING:
             raise Unavailable(f"worker {self.worker_id} is draining; send the request to another replica")
+        if self.phase is Phase.FAILED:
+            raise Unavailable(f"worker {self.worker_id}'s engine failed; send the request to another replica")
+        if self.phase is Phase.STALLED:
+            raise Unavailable(f"worker {self.worker_id}'s engine is not making progress; try another replica")
         if self.model is None:
             raise Unavailable(f"worker {self.worker_id} is still loading '{self.model_name}'")
 
@@ -51,6 +67,8 @@ class WorkerState:
             self.num_requests_ok += 1
         finally:
             self.num_in_flight -= 1
+            if self.model is not None and not self.model.reports_load:
+                self.publisher.publish()  # models without an engine report: each request is the change
 
     def stats_proto(self) -> worker_pb2.WorkerStats:
         model = self.model

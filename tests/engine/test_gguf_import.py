@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from kernels.ops import get_ops
-from services.worker.chat_template import ChatTemplate
+from services.common.chat_template import ChatTemplate
 from services.worker.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from services.worker.engine.engine import LLMEngine
 from services.worker.engine.sampler import SamplingParams

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etensoryard/v1/generation.proto\x12\rtensoryard.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xdc\x03\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\rH\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x12\n\nignore_eos\x18\r \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\xdb\x01\n\x0fGenerateRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12/\n\x08messages\x18\x05 \x01(\x0b\x32\x1b.tensoryard.v1.ChatMessagesH\x00\x12\x33\n\x08sampling\x18\x06 \x01(\x0b\x32!.tensoryard.v1.SamplingParameters\x12\x10\n\x08priority\x18\x07 \x01(\x05\x42\x07\n\x05input\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.tensoryard.v1.ChatMessage\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xaa\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.tensoryard.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.tensoryard.v1.TokenLogprob2a\n\x0eTextGeneration\x12O\n\x08Generate\x12\x1e.tensoryard.v1.GenerateRequest\x1a\x1f.tensoryard.v1.GenerateResponse\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etensoryard/v1/generation.proto\x12\rtensoryard.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xdc\x03\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\rH\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x12\n\nignore_eos\x18\r \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\x8f\x02\n\x0fGenerateRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12/\n\x08messages\x18\x05 \x01(\x0b\x32\x1b.tensoryard.v1.ChatMessagesH\x00\x12\x33\n\x08sampling\x18\x06 \x01(\x0b\x32!.tensoryard.v1.SamplingParameters\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\r\x12\x18\n\x10resume_token_ids\x18\t \x03(\rB\x07\n\x05input\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.tensoryard.v1.ChatMessage\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xaa\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.tensoryard.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.tensoryard.v1.TokenLogprob2a\n\x0eTextGeneration\x12O\n\x08Generate\x12\x1e.tensoryard.v1.GenerateRequest\x1a\x1f.tensoryard.v1.GenerateResponse\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMETERS']._serialized_start=96
   _globals['_SAMPLINGPARAMETERS']._serialized_end=572
   _globals['_GENERATEREQUEST']._serialized_start=575
-  _globals['_GENERATEREQUEST']._serialized_end=794
-  _globals['_CHATMESSAGES']._serialized_start=796
-  _globals['_CHATMESSAGES']._serialized_end=856
-  _globals['_TOKENLOGPROB']._serialized_start=858
-  _globals['_TOKENLOGPROB']._serialized_end=907
-  _globals['_USAGE']._serialized_start=909
-  _globals['_USAGE']._serialized_end=996
-  _globals['_GENERATERESPONSE']._serialized_start=999
-  _globals['_GENERATERESPONSE']._serialized_end=1169
-  _globals['_TEXTGENERATION']._serialized_start=1171
-  _globals['_TEXTGENERATION']._serialized_end=1268
+  _globals['_GENERATEREQUEST']._serialized_end=846
+  _globals['_CHATMESSAGES']._serialized_start=848
+  _globals['_CHATMESSAGES']._serialized_end=908
+  _globals['_TOKENLOGPROB']._serialized_start=910
+  _globals['_TOKENLOGPROB']._serialized_end=959
+  _globals['_USAGE']._serialized_start=961
+  _globals['_USAGE']._serialized_end=1048
+  _globals['_GENERATERESPONSE']._serialized_start=1051
+  _globals['_GENERATERESPONSE']._serialized_end=1221
+  _globals['_TEXTGENERATION']._serialized_start=1223
+  _globals['_TEXTGENERATION']._serialized_end=1320
 # @@protoc_insertion_point(module_scope)

@@ -42,12 +42,17 @@ class WorkerControlStub:
         self.StreamLoad = channel.unary_stream(
                 '/tensoryard.v1.WorkerControl/StreamLoad',
                 request_serializer=tensoryard_dot_v1_dot_worker__pb2.StreamLoadRequest.SerializeToString,
-                response_deserializer=tensoryard_dot_v1_dot_worker__pb2.WorkerStats.FromString,
+                response_deserializer=tensoryard_dot_v1_dot_worker__pb2.LoadReport.FromString,
                 _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/tensoryard.v1.WorkerControl/Drain',
                 request_serializer=tensoryard_dot_v1_dot_worker__pb2.DrainRequest.SerializeToString,
                 response_deserializer=tensoryard_dot_v1_dot_worker__pb2.DrainResponse.FromString,
+                _registered_method=True)
+        self.InjectFault = channel.unary_unary(
+                '/tensoryard.v1.WorkerControl/InjectFault',
+                request_serializer=tensoryard_dot_v1_dot_worker__pb2.InjectFaultRequest.SerializeToString,
+                response_deserializer=tensoryard_dot_v1_dot_worker__pb2.InjectFaultResponse.FromString,
                 _registered_method=True)
 
 
@@ -61,7 +66,10 @@ class WorkerControlServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamLoad(self, request, context):
-        """Streams the worker's load every interval_ms until the caller hangs up.
+        """Streams the worker's load and its KV-cache events to a router until the caller hangs up: a
+        report as soon as something changed (at most one every interval_ms) and at least one every
+        heartbeat_ms, so a silent stream means a stopped worker. The first report of a stream carries a
+        snapshot of every cached block; later ones carry what changed since the report before.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -69,6 +77,14 @@ class WorkerControlServicer:
 
     def Drain(self, request, context):
         """Stop taking work, finish what is in flight, deregister; returns when drained.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InjectFault(self, request, context):
+        """Faults for fault-injection tests. Refused (FAILED_PRECONDITION) unless the worker was started
+        with --enable-fault-injection.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,12 +101,17 @@ def add_WorkerControlServicer_to_server(servicer, server):
             'StreamLoad': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamLoad,
                     request_deserializer=tensoryard_dot_v1_dot_worker__pb2.StreamLoadRequest.FromString,
-                    response_serializer=tensoryard_dot_v1_dot_worker__pb2.WorkerStats.SerializeToString,
+                    response_serializer=tensoryard_dot_v1_dot_worker__pb2.LoadReport.SerializeToString,
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
                     request_deserializer=tensoryard_dot_v1_dot_worker__pb2.DrainRequest.FromString,
                     response_serializer=tensoryard_dot_v1_dot_worker__pb2.DrainResponse.SerializeToString,
+            ),
+            'InjectFault': grpc.unary_unary_rpc_method_handler(
+                    servicer.InjectFault,
+                    request_deserializer=tensoryard_dot_v1_dot_worker__pb2.InjectFaultRequest.FromString,
+                    response_serializer=tensoryard_dot_v1_dot_worker__pb2.InjectFaultResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -146,7 +167,7 @@ class WorkerControl:
             target,
             '/tensoryard.v1.WorkerControl/StreamLoad',
             tensoryard_dot_v1_dot_worker__pb2.StreamLoadRequest.SerializeToString,
-            tensoryard_dot_v1_dot_worker__pb2.WorkerStats.FromString,
+            tensoryard_dot_v1_dot_worker__pb2.LoadReport.FromString,
             options,
             channel_credentials,
             insecure,
@@ -174,6 +195,33 @@ class WorkerControl:
             '/tensoryard.v1.WorkerControl/Drain',
             tensoryard_dot_v1_dot_worker__pb2.DrainRequest.SerializeToString,
             tensoryard_dot_v1_dot_worker__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InjectFault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensoryard.v1.WorkerControl/InjectFault',
+            tensoryard_dot_v1_dot_worker__pb2.InjectFaultRequest.SerializeToString,
+            tensoryard_dot_v1_dot_worker__pb2.InjectFaultResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,11 +13,12 @@ from kernels.ops import get_ops
 from services.common.errors import AlreadyExists, InvalidArgument, Overloaded
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.detokenizer import IncrementalDetokenizer, Tokenizer
-from services.worker.engine.kv_cache import KVCacheManager, allocate_kv_tensors, num_blocks_for_budget
+from services.worker.engine.kv_cache import KVCacheManager, KVEvents, allocate_kv_tensors, num_blocks_for_budget
 from services.worker.engine.runner import ModelRunner
-from services.worker.engine.sampler import Sampler, SamplerOutput, SamplingParams, TokenLogprobs
+from services.worker.engine.sampler import Sampler, SamplerOutput, SamplingParams, TokenLogprobs, advance_generator
 from services.worker.engine.scheduler import Scheduler, SchedulerOutput
 from services.worker.engine.sequence import FinishReason, Sequence
+from services.worker.engine.step_cost import StepCost, StepCostModel
 from services.worker.models.hf_config import ModelConfig
 from services.worker.models.llama import load_model
 
@@ -44,6 +46,16 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True, slots=True)
+class TenantQueue:
+    """One tenant's waiting work: what admission control weighs a new request of that tenant against."""
+
+    num_waiting: int = 0
+    num_prompt_tokens: int = 0  # not yet computed
+    num_output_tokens: int = 0  # still to generate, expected (see EngineStats.expected_output_fraction)
+    num_running: int = 0
+
+
 @dataclass(slots=True)
 class EngineStats:
     num_running: int
@@ -55,6 +67,17 @@ class EngineStats:
     num_chunked_prefills: int
     num_prefix_query_tokens: int
     num_prefix_hit_tokens: int
+    max_num_seqs: int = 0
+    max_num_batched_tokens: int = 0
+    block_size: int = 0
+    num_queued_prompt_tokens: int = 0  # prompt tokens not yet computed, waiting or mid-prefill
+    num_generated_tokens: int = 0  # since the engine started
+    # Output tokens each running sequence is still expected to generate, smallest first.
+    running_remaining_tokens: tuple[int, ...] = ()
+    tenant_queues: dict[str, TenantQueue] = field(default_factory=dict)
+    # Of max_tokens, the share requests that may stop early (no ignore_eos) have used, on average.
+    expected_output_fraction: float = 1.0
+    step_cost: StepCost | None = None
 
 
 class LLMEngine:
@@ -82,6 +105,9 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, config.device)
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config.model_dir)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.step_cost = StepCostModel()
+        self.num_generated_tokens = 0
+        self._output_fraction = _RunningMean(initial=1.0)
 
     def add_request(
         self,
@@ -90,18 +116,32 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
         deadline_s: float | None = None,
+        tenant: str = "",
+        output_token_ids: list[int] | tuple[int, ...] = (),
     ) -> None:
-        """Queues a request. deadline_s is absolute, on time.monotonic()'s clock."""
-        self._validate(request_id, prompt_token_ids, params)
+        """Queues a request. deadline_s is absolute, on time.monotonic()'s clock.
+
+        output_token_ids resumes a generation begun elsewhere (another replica that died or drained):
+        those tokens count as already generated and sent. The request continues from the same state
+        an uninterrupted run would have — the same seeded draws, penalties, stop-string window and
+        max_tokens — and reports only the tokens after them.
+        """
+        self._validate(request_id, prompt_token_ids, params, output_token_ids)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.config.device).manual_seed(params.seed)
+            if not params.greedy:  # one draw per token already sampled
+                advance_generator(generator, self.model_config.vocab_size, len(output_token_ids), self.config.device)
         seq = Sequence(
-            request_id=request_id, token_ids=list(prompt_token_ids), num_prompt_tokens=len(prompt_token_ids),
-            params=params, priority=priority, deadline_s=deadline_s, generator=generator,
+            request_id=request_id, token_ids=[*prompt_token_ids, *output_token_ids],
+            num_prompt_tokens=len(prompt_token_ids), params=params, priority=priority, tenant=tenant,
+            deadline_s=deadline_s, generator=generator,
         )
         if self.tokenizer is not None:
-            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, seq.token_ids, params.stop)
+            detokenizer = IncrementalDetokenizer(self.tokenizer, list(prompt_token_ids), params.stop)
+            for token_id in output_token_ids:  # their text was sent by the replica that made them
+                detokenizer.add_token(token_id)
+            self._detokenizers[request_id] = detokenizer
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
@@ -112,20 +152,59 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
+        started_s = time.perf_counter()
         scheduled = self.scheduler.schedule()
         logits = self.runner.run(scheduled)
         sampled = self.sampler.sample(logits, scheduled.sampled_seqs)
         self.scheduler.update(scheduled, sampled.token_ids)
-        return self._outputs(scheduled, sampled)
+        outputs = self._outputs(scheduled, sampled)
+        self._observe_step(scheduled, len(sampled.token_ids), time.perf_counter() - started_s)
+        return outputs
+
+    def take_kv_events(self) -> KVEvents:
+        """Blocks stored in and removed from the prefix cache since the last call."""
+        return self.kv_cache.take_events()
+
+    def cached_block_hashes(self) -> list[bytes]:
+        return self.kv_cache.cached_block_hashes()
 
     def stats(self) -> EngineStats:
         s, kv = self.scheduler, self.kv_cache
+        fraction = self._output_fraction.value
+        tenants: dict[str, list[int]] = {}
+        num_queued_prompt_tokens = 0
+        for seq in s.waiting:
+            queue = tenants.setdefault(seq.tenant, [0, 0, 0, 0])
+            queue[0] += 1
+            queue[1] += seq.num_uncomputed_tokens
+            queue[2] += _expected_remaining(seq, fraction)
+            num_queued_prompt_tokens += seq.num_uncomputed_tokens
+        for seq in s.running:
+            tenants.setdefault(seq.tenant, [0, 0, 0, 0])[3] += 1
+            if seq.num_uncomputed_tokens > 1:  # mid-prefill: the rest of its prompt is still queued work
+                num_queued_prompt_tokens += seq.num_uncomputed_tokens
         return EngineStats(
             num_running=len(s.running), num_waiting=len(s.waiting), num_used_blocks=kv.num_used_blocks,
             num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_blocks, num_preemptions=s.num_preemptions,
             num_chunked_prefills=s.num_chunked_prefills, num_prefix_query_tokens=kv.num_query_tokens,
-            num_prefix_hit_tokens=kv.num_hit_tokens,
+            num_prefix_hit_tokens=kv.num_hit_tokens, max_num_seqs=self.config.scheduler.max_num_seqs,
+            max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
+            block_size=kv.block_size, num_queued_prompt_tokens=num_queued_prompt_tokens,
+            num_generated_tokens=self.num_generated_tokens,
+            running_remaining_tokens=tuple(sorted(_expected_remaining(seq, fraction) for seq in s.running)),
+            tenant_queues={t: TenantQueue(*q) for t, q in tenants.items()},
+            expected_output_fraction=fraction, step_cost=self.step_cost.current(),
         )
+
+    def _observe_step(self, scheduled: SchedulerOutput, num_sampled: int, duration_s: float) -> None:
+        if not scheduled.scheduled_seqs:
+            return
+        num_prefill_tokens = sum(n for n in scheduled.num_scheduled_tokens if n > 1)
+        self.step_cost.observe(len(scheduled.scheduled_seqs), num_prefill_tokens, duration_s)
+        self.num_generated_tokens += num_sampled
+        for seq in scheduled.sampled_seqs:
+            if seq.is_finished and not seq.params.ignore_eos and seq.finish_reason in _NATURAL_ENDS:
+                self._output_fraction.add(seq.num_output_tokens / seq.params.max_tokens)
 
     def _outputs(self, scheduled: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
         outputs = [self._output(seq, [], None) for seq in scheduled.finished_seqs]
@@ -154,7 +233,7 @@ class LLMEngine:
             logprobs=[logprobs] if logprobs is not None else None,
         )
 
-    def _validate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _validate(self, request_id: str, prompt_token_ids, params: SamplingParams, output_token_ids) -> None:
         if not isinstance(params, SamplingParams):
             raise InvalidArgument(f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self.scheduler.requests:
@@ -162,16 +241,52 @@ class LLMEngine:
         if not prompt_token_ids:
             raise InvalidArgument("prompt_token_ids must not be empty")
         vocab_size = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_token_ids):
-            raise InvalidArgument(f"prompt_token_ids must be integers in [0, {vocab_size})")
-        if len(prompt_token_ids) >= self.max_model_len:
+        for name, token_ids in (("prompt_token_ids", prompt_token_ids), ("output_token_ids", output_token_ids)):
+            if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in token_ids):
+                raise InvalidArgument(f"{name} must be integers in [0, {vocab_size})")
+        num_prompt = len(prompt_token_ids)
+        if num_prompt >= self.max_model_len:
             raise InvalidArgument(
-                f"prompt has {len(prompt_token_ids)} tokens; this model takes at most {self.max_model_len - 1}"
+                f"prompt has {num_prompt} tokens; this model takes at most {self.max_model_len - 1}"
+            )
+        if num_prompt + params.max_tokens > self.max_model_len:
+            raise InvalidArgument(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
+                f"{num_prompt + params.max_tokens} ({num_prompt} in the prompt, max_tokens {params.max_tokens}): "
+                f"ask for at most {self.max_model_len - num_prompt} tokens"
+            )
+        if len(output_token_ids) >= params.max_tokens:
+            raise InvalidArgument(
+                f"{len(output_token_ids)} output tokens to resume from, but max_tokens is {params.max_tokens}"
             )
         if params.stop and self.tokenizer is None:
             raise InvalidArgument("stop strings need a tokenizer, and this model has none")
         if len(self.scheduler.waiting) >= self.config.scheduler.max_num_waiting:
             raise Overloaded(f"{len(self.scheduler.waiting)} requests are waiting already; retry later")
+
+
+_NATURAL_ENDS = (FinishReason.STOP, FinishReason.LENGTH)
+
+
+def _expected_remaining(seq: Sequence, output_fraction: float) -> int:
+    """Output tokens seq is still expected to generate: all of max_tokens under ignore_eos, else the
+    share of it that finished requests have used on average."""
+    remaining = seq.params.max_tokens - seq.num_output_tokens
+    if seq.params.ignore_eos:
+        return remaining
+    return max(1, min(remaining, round(seq.params.max_tokens * output_fraction) - seq.num_output_tokens))
+
+
+class _RunningMean:
+    """An exponentially weighted mean over the last hundred or so values."""
+
+    WEIGHT = 0.02
+
+    def __init__(self, initial: float):
+        self.value = initial
+
+    def add(self, value: float) -> None:
+        self.value += self.WEIGHT * (value - self.value)
 
 
 def _max_model_len(config: EngineConfig, model_config: ModelConfig, pool_tokens: int) -> int:

@@ -11,23 +11,29 @@ block whose ref_count falls to 0 goes back to the free list, unless it holds a r
 hash: then it joins `evictable`, an LRU of cached blocks that can be revived by a later prefix hit
 or, when the free list is empty, evicted (least recently freed first) and reused.
 
-Prefix caching. A full block is identified by a chained hash: sha256(parent block's hash, the
-block's token ids), so a hash names the whole prefix up to and including that block. A block is
-registered under its hash once its K/V have been computed. A new sequence takes the longest run of
-registered blocks matching its leading full blocks, always leaving at least one token to compute so
-that the step yields logits for it.
+Prefix caching. A full block is identified by a chained hash (services/common/kv_blocks.py, the
+scheme routers share): sha256(parent block's hash, the block's token ids), so a hash names the whole
+prefix up to and including that block. A block is registered under its hash once its K/V have been
+computed. A new sequence takes the longest run of registered blocks matching its leading full
+blocks, always leaving at least one token to compute so that the step yields logits for it.
+
+KV events. Each registration (a block stored) and each eviction (a block removed) is recorded;
+`take_events()` hands them over once per step, and the worker streams them to routers so their
+index of which replica caches which prefix follows the cache itself.
 """
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from services.common.kv_blocks import extend_block_hashes, hash_block
 from services.worker.engine.sequence import Sequence
+
+__all__ = ["Block", "KVCacheManager", "KVEvents", "allocate_kv_tensors", "hash_block", "kv_bytes_per_block",
+           "num_blocks_for_budget"]
 
 
 @dataclass(slots=True)
@@ -37,11 +43,15 @@ class Block:
     block_hash: bytes | None = None  # set while the block is registered in the prefix cache
 
 
-def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
-    """The chained hash naming a full block and, through parent_hash, everything before it."""
-    digest = hashlib.sha256(parent_hash or b"")
-    digest.update(array("q", token_ids).tobytes())
-    return digest.digest()
+@dataclass(slots=True)
+class KVEvents:
+    """Blocks that entered (stored) and left (removed) the prefix cache since the last hand-over."""
+
+    stored: list[bytes] = field(default_factory=list)
+    removed: list[bytes] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.stored or self.removed)
 
 
 def kv_bytes_per_block(block_size: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -83,6 +93,7 @@ class KVCacheManager:
         self.num_query_tokens = 0  # tokens of admitted sequences looked up in the prefix cache
         self.num_hit_tokens = 0  # of which found cached
         self.num_evictions = 0
+        self._events = KVEvents()
 
     @property
     def num_free_blocks(self) -> int:
@@ -95,6 +106,15 @@ class KVCacheManager:
     @property
     def num_cached_blocks(self) -> int:
         return len(self._hash_to_block)
+
+    def cached_block_hashes(self) -> list[bytes]:
+        """Every hash registered now: the snapshot a new KV-event subscriber starts from."""
+        return list(self._hash_to_block)
+
+    def take_events(self) -> KVEvents:
+        """The blocks stored and removed since the last call."""
+        events, self._events = self._events, KVEvents()
+        return events
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -164,15 +184,12 @@ class KVCacheManager:
             if block.block_hash is None and hashes[i] not in self._hash_to_block:
                 block.block_hash = hashes[i]
                 self._hash_to_block[hashes[i]] = block.block_id
+                self._events.stored.append(hashes[i])
         seq.num_registered_blocks = num_full
 
     def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """Hashes of seq's first num_blocks full blocks, memoised on the sequence (tokens never change)."""
-        hashes, size = seq.block_hashes, self.block_size
-        while len(hashes) < num_blocks:
-            i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, seq.token_ids[i * size : (i + 1) * size]))
-        return hashes[:num_blocks]
+        return extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, num_blocks)[:num_blocks]
 
     def _take_free_block(self) -> Block:
         if self._free_ids:
@@ -180,6 +197,7 @@ class KVCacheManager:
         block_id, _ = self._evictable.popitem(last=False)
         block = self.blocks[block_id]
         del self._hash_to_block[block.block_hash]
+        self._events.removed.append(block.block_hash)
         block.block_hash = None
         self.num_evictions += 1
         return block

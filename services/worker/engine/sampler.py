@@ -20,6 +20,11 @@ from services.common.errors import InvalidArgument
 from services.worker.engine.sequence import Sequence
 
 MAX_LOGPROBS = 20
+# Bounds on stop conditions: each stop string is matched against the text of every step, so a
+# request's cost grows with their number and length (10,000 stop strings once took 28 s to answer).
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +63,21 @@ class SamplingParams:
         _check(
             all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings", list(self.stop)
         )
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidArgument(f"stop holds {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise InvalidArgument(
+                f"a stop string has {longest} characters; at most {MAX_STOP_STRING_CHARS} are allowed"
+            )
         _check(
             all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids", "a list of token ids >= 0", list(self.stop_token_ids),
         )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidArgument(
+                f"stop_token_ids holds {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed"
+            )
         _check(
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs", f"an integer in [0, {MAX_LOGPROBS}]", self.logprobs,
@@ -121,8 +137,20 @@ class Sampler:
         noise = torch.empty_like(probs).exponential_(generator=self.generator)  # [S, V]
         for i, seq in enumerate(seqs):
             if seq.generator is not None and not seq.params.greedy:
-                noise[i] = torch.empty_like(probs[i]).exponential_(generator=seq.generator)
+                noise[i] = _seeded_noise(seq.generator, probs.shape[-1], probs.device)
         return (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
+
+
+def _seeded_noise(generator: torch.Generator, vocab_size: int, device) -> torch.Tensor:
+    """One token's draw for a seeded request: Exp(1) noise over the vocabulary, [V] float32."""
+    return torch.empty(vocab_size, dtype=torch.float32, device=device).exponential_(generator=generator)
+
+
+def advance_generator(generator: torch.Generator, vocab_size: int, num_tokens: int, device) -> None:
+    """Moves a seeded request's generator past the draws of num_tokens tokens sampled elsewhere, so a
+    resumed generation draws what the uninterrupted one would have."""
+    for _ in range(num_tokens):
+        _seeded_noise(generator, vocab_size, device)
 
 
 

@@ -1,0 +1,98 @@
+"""One load view per replica: what the worker last reported, plus what this router sent since.
+
+Workers stream `LoadReport`s (services/worker/load_reports.py): a report whenever something changed,
+at most every 50 ms, and a heartbeat every 250 ms. A replica is routable while it reports SERVING
+and its reports keep coming; a silent stream (a stopped or hung process) makes it unroutable after
+`stale_after_s`, long before its discovery lease would expire. Between two reports the router adds
+the requests it has routed there, so a burst does not all land on the replica that looked idlest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from protos.tensoryard.v1 import worker_pb2
+
+SERVING = "SERVING"
+DRAINING = "DRAINING"
+
+
+@dataclass(slots=True)
+class ReplicaLoad:
+    # Reports: None until the first arrives. A worker that cannot stream (UNIMPLEMENTED) never sends
+    # any: `reports` is then False and the router goes by its own counts alone.
+    stats: worker_pb2.WorkerStats | None = None
+    reports: bool = True
+    reported_at_s: float = 0.0
+    added_at_s: float = field(default_factory=time.monotonic)
+    # This router's own view.
+    num_outstanding: int = 0  # requests in flight on this replica from this router
+    num_routed_since_report: int = 0
+    num_blocks_routed_since_report: int = 0
+    block_size: int = 16  # the replica's KV block size, from its KV events
+
+    def on_report(self, stats: worker_pb2.WorkerStats, now_s: float) -> None:
+        self.stats = stats
+        self.reported_at_s = now_s
+        self.num_routed_since_report = 0
+        self.num_blocks_routed_since_report = 0
+
+    def on_routed(self, num_prompt_blocks: int = 0) -> None:
+        self.num_routed_since_report += 1
+        self.num_blocks_routed_since_report += num_prompt_blocks
+
+    @property
+    def state(self) -> str:
+        return self.stats.state if self.stats is not None else SERVING
+
+    def routable(self, now_s: float, stale_after_s: float) -> bool:
+        """Taking new requests: reporting SERVING, and its reports are not overdue."""
+        if not self.reports:
+            return True
+        if self.stats is None:  # just added: its stream is connecting
+            return now_s - self.added_at_s < stale_after_s
+        return self.stats.state == SERVING and now_s - self.reported_at_s < stale_after_s
+
+    @property
+    def saturated(self) -> bool:
+        """The replica's own estimate of a new request's wait is past what it admits."""
+        stats = self.stats
+        return (stats is not None and stats.queue_wait_bound_s > 0
+                and stats.estimated_queue_wait_s > stats.queue_wait_bound_s)
+
+    @property
+    def retry_after_s(self) -> float:
+        stats = self.stats
+        return max(stats.estimated_queue_wait_s - stats.queue_wait_bound_s, 0.05) if stats else 0.05
+
+    def silent_for_s(self, now_s: float) -> float:
+        if not self.reports:
+            return 0.0
+        return now_s - (self.reported_at_s if self.stats is not None else self.added_at_s)
+
+    @property
+    def num_requests(self) -> float:
+        """Requests on the replica: running and waiting as reported, plus those routed since, or (no
+        reports) this router's own outstanding ones."""
+        if self.stats is None:
+            return float(self.num_outstanding)
+        reported = self.stats.num_running + self.stats.num_waiting
+        if not self.stats.max_num_seqs:  # not an LLM: its queue and what it is computing
+            reported = self.stats.queue_depth + self.stats.num_in_flight
+        return reported + self.num_routed_since_report
+
+    @property
+    def occupancy(self) -> float:
+        """Requests on the replica over its seats (max_num_seqs; 64 when it has not said)."""
+        seats = self.stats.max_num_seqs if self.stats is not None and self.stats.max_num_seqs else 64
+        return self.num_requests / seats
+
+    @property
+    def num_active_blocks(self) -> float:
+        """KV blocks in use or about to be: used blocks, queued prompt tokens, and what was routed
+        since the last report (in blocks of the replica's size)."""
+        if self.stats is None:
+            return float(self.num_blocks_routed_since_report)
+        queued = self.stats.num_queued_prompt_tokens / self.block_size
+        return self.stats.num_kv_blocks_used + queued + self.num_blocks_routed_since_report
