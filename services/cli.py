@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--registry-port", type=int, default=7070)
     up.add_argument("--registry-metrics-port", type=int, default=7071)
     up.add_argument("--workers-per-model", type=int, default=1)
+    up.add_argument("--routers", type=int, default=1,
+                    help="router processes sharing the router port (more forwarding than one process)")
     up.add_argument("--worker-threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     up.add_argument("--no-llm", action="store_true", help="serve the embedding demo only")
     up.add_argument("--no-embedding", action="store_true", help="serve the LLM demo only")
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 router_metrics_port=args.router_metrics_port,
                 registry_metrics_port=args.registry_metrics_port,
                 workers_per_model=args.workers_per_model,
+                routers=args.routers,
                 worker_threads=args.worker_threads,
                 with_llm=not args.no_llm,
                 with_embedding=not args.no_embedding,

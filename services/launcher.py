@@ -82,6 +82,9 @@ class UpOptions:
     router_metrics_port: int = 8002
     registry_metrics_port: int = 7071
     workers_per_model: int = 1
+    # Router processes sharing the router port (SO_REUSEPORT: the kernel spreads connections over
+    # them), for more forwarding than one Python process does; the first takes the metrics port.
+    routers: int = 1
     worker_threads: int = 0
     with_llm: bool = True
     with_embedding: bool = True
@@ -92,6 +95,8 @@ class UpOptions:
             raise ValueError("with_llm and with_embedding are both off: there would be nothing to serve")
         if self.workers_per_model < 1:
             raise ValueError(f"workers_per_model must be >= 1, not {self.workers_per_model}")
+        if self.routers < 1:
+            raise ValueError(f"routers must be >= 1, not {self.routers}")
 
 
 # Launcher children that exit with these are given up after a few tries in a row (see
@@ -174,11 +179,13 @@ class Launcher:
                     )
                     verb = "registered" if created else "already registered"
                     self.say(f"  model     {model.name} version {version.version} ({verb})")
-            self.spawn(
-                "router", "router", "--host", o.host, "--port", str(o.router_port),
-                "--registry", registry_address, "--metrics-port", str(o.router_metrics_port),
-                "--models", ",".join(model.name for model in models),
-            )
+            for index in range(o.routers):
+                self.spawn(
+                    "router" if index == 0 else f"router-{index}", "router", "--host", o.host,
+                    "--port", str(o.router_port), "--registry", registry_address,
+                    "--metrics-port", str(o.router_metrics_port if index == 0 else 0),
+                    "--models", ",".join(model.name for model in models),
+                )
             # ServerLive, not health: the router reports SERVING only once every model has a ready
             # replica, and there is none before the workers below start.
             self._wait_router_live(router_address, stop_requested)

@@ -43,11 +43,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     with no deserializer (the router's forwarded calls take raw bytes) parse nothing here.
     """
 
+    def __init__(self) -> None:
+        # Wrapped handlers by (method, handler): wrapping anew per call cost the router a fifth of
+        # its CPU per forwarded request.
+        self._wrapped: dict[tuple[str, int], object] = {}
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        key = (handler_call_details.method, id(handler))
+        wrapped = self._wrapped.get(key)
+        if wrapped is None or wrapped[0] is not handler:
+            wrapped = self._wrapped[key] = (handler, self._wrap(handler, handler_call_details.method))
+        return wrapped[1]
+
+    def _wrap(self, handler, full_method: str):
+        service, _, method = full_method.lstrip("/").partition("/")
         if service.startswith("grpc."):  # health and reflection: not worth a metric series each
             return handler
         labels = (service, method)
@@ -258,6 +270,11 @@ def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     return code, message
 
 
+# Metric children by labels: `.labels(...)` takes a lock and builds a key per call.
+_REQUEST_COUNTERS: dict = {}
+_LATENCY_HISTOGRAMS: dict = {}
+
+
 def _observe(labels, code, context, started: float) -> None:
     if code is grpc.StatusCode.OK:
         # A handler that called context.abort itself, or a cancelled call, shows up here.
@@ -265,8 +282,14 @@ def _observe(labels, code, context, started: float) -> None:
         if isinstance(code, int):
             code = grpc.StatusCode.UNKNOWN
     duration_s = time.perf_counter() - started
-    GRPC_REQUESTS.labels(*labels, code.name).inc()
-    GRPC_LATENCY.labels(*labels).observe(duration_s)
+    counter = _REQUEST_COUNTERS.get((labels, code))
+    if counter is None:
+        counter = _REQUEST_COUNTERS[(labels, code)] = GRPC_REQUESTS.labels(*labels, code.name)
+    counter.inc()
+    histogram = _LATENCY_HISTOGRAMS.get(labels)
+    if histogram is None:
+        histogram = _LATENCY_HISTOGRAMS[labels] = GRPC_LATENCY.labels(*labels)
+    histogram.observe(duration_s)
     # One line per request; request_id / model / version come from the handler's bound context.
     # Successes log at debug (a busy server answers thousands a second), failures at info.
     if code is grpc.StatusCode.OK:

@@ -124,6 +124,7 @@ class BackendPool:
         self.synced = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._kv_mode_series: set[str] = set()  # workers with a KV_INDEX_MODE series
+        self._routed_counters: dict[tuple, object] = {}  # metric children by (model, policy) (labels() per call costs)
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._watch_replicas())]
@@ -272,16 +273,21 @@ class BackendPool:
         return policy
 
     def pick(self, request: RouteRequest, prompt_token_ids: list[int] | None = None,
-             exclude: set[str] = frozenset(), unsaturated: bool = False) -> Backend | None:
-        """The replica the model's policy chooses among the routable ones (not in `exclude`; only
-        those with room, when `unsaturated`)."""
-        candidates = [b for b in self.routable(request.model_name, request.model_version)
-                      if b.instance_id not in exclude and not (unsaturated and b.load.saturated)]
+             exclude: set[str] = frozenset(), unsaturated: bool = False,
+             candidates: list[Backend] | None = None) -> Backend | None:
+        """The replica the model's policy chooses among the routable ones (or `candidates`, the
+        caller's list of them), not in `exclude` and, when `unsaturated`, only those with room."""
+        if candidates is None:
+            candidates = self.routable(request.model_name, request.model_version)
+        if exclude or unsaturated:
+            candidates = [b for b in candidates
+                          if b.instance_id not in exclude and not (unsaturated and b.load.saturated)]
         if not candidates:
             return None
-        with_room = [b for b in candidates if not b.load.saturated]
-        if with_room:  # a replica that says it would refuse the request is chosen only when all would
-            candidates = with_room
+        if len(candidates) > 1:
+            with_room = [b for b in candidates if not b.load.saturated]
+            if with_room:  # a replica that says it would refuse the request is chosen only when all would
+                candidates = with_room
         policy = self.policy_for(request.model_name)
         if policy.needs_prompt_blocks and prompt_token_ids:
             # One version's replicas share a tokenizer and a block size (a traffic split between
@@ -297,7 +303,11 @@ class BackendPool:
             metrics.PREFIX_MATCHED_BLOCKS.labels(request.model_name, "matched").inc(matched)
             metrics.PREFIX_MATCHED_BLOCKS.labels(request.model_name, "prompt").inc(len(hashes))
             self.kv_index.record_routed(backend.instance_id, hashes)
-        metrics.ROUTED.labels(request.model_name, policy.name).inc()
+        key = (request.model_name, policy.name)
+        counter = self._routed_counters.get(key)
+        if counter is None:
+            counter = self._routed_counters[key] = metrics.ROUTED.labels(*key)
+        counter.inc()
         return backend
 
     async def close(self) -> None:

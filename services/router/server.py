@@ -26,7 +26,8 @@ from services.router.pool import BackendPool, PoolConfig
 from services.router.prompts import PromptTokenizers
 from services.router.relay import Relay
 from services.router.retry import RetryBudget
-from services.router.servicer import SERVICE, RoutingServicer, inference_handler, native_handlers
+from services.router.handlers import inference_handler, native_handlers
+from services.router.servicer import SERVICE, RoutingServicer
 
 log = get_logger(__name__)
 

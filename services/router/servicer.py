@@ -12,15 +12,15 @@ ready, metadata, repository index, statistics) are answered here.
 from __future__ import annotations
 
 import asyncio
-import struct
+import itertools
 import uuid
 from collections.abc import Callable
 
 import grpc
 from protos.inference import grpc_service_pb2 as pb
-from protos.tensoryard.v1 import embeddings_pb2, generation_pb2
+from protos.tensoryard.v1 import generation_pb2
 from services.common.errors import InvalidArgument, NotFound, Overloaded, TensoryardError, status_for
-from services.common.grpc_server import REQUEST_ID_HEADER, bind_request, metadata_value, parse_request
+from services.common.grpc_server import REQUEST_ID_HEADER, bind_request, parse_request
 from services.common.infer_checks import check_infer_request
 from services.common.telemetry import get_logger
 from services.router import metrics, statistics
@@ -30,7 +30,7 @@ from services.router.policies import RouteRequest
 from services.router.pool import Backend, BackendPool
 from services.router.prompts import PromptTokenizers
 from services.router.relay import NativeGenerate, Relay, RelayError, no_replica
-from services.router.triton_stream import TritonGenerate
+from services.router.triton_stream import TritonGenerate, as_stream_response, stream_error, triton_text_input
 
 log = get_logger(__name__)
 
@@ -57,6 +57,21 @@ def _forwardable(metadata, request_id: str) -> tuple[tuple[str, str | bytes], ..
     return (*forwarded, (REQUEST_ID_HEADER, request_id))
 
 
+class _RequestIds:
+    """Ids for requests that came without one: a per-process prefix and a counter (cheaper than a
+    uuid4 per request, which reads the OS's random source)."""
+
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex[:8]
+        self._next = itertools.count()
+
+    def new(self) -> str:
+        return f"{self._prefix}{next(self._next):08x}"
+
+
+_REQUEST_IDS = _RequestIds()
+
+
 class RoutingServicer:
     def __init__(self, pool: BackendPool, catalog: ModelCatalog, relay: Relay, limiter: InFlightLimiter,
                  prompts: PromptTokenizers, tenant_key: str = "x-tenant-id", session_key: str = "x-session-id",
@@ -76,30 +91,33 @@ class RoutingServicer:
         """Bind the request to the logs; its route and the metadata the worker gets."""
         if not model_name:
             raise InvalidArgument("the request names no model (model_name is empty)")
-        request_id = request_id or uuid.uuid4().hex[:16]
+        request_id = request_id or _REQUEST_IDS.new()
         bind_request(request_id, model_name, model_version)
-        route = RouteRequest(
-            model_name, model_version,
-            tenant=metadata_value(context, self._tenant_key),
-            session_key=metadata_value(context, self._session_key) if self._session_key else "",
-        )
-        return route, _forwardable(context.invocation_metadata(), request_id)
+        metadata = context.invocation_metadata() or ()
+        tenant = session_key = ""
+        for key, value in metadata:  # one pass: the call builds the tuple anew each time
+            if key == self._tenant_key:
+                tenant = value if isinstance(value, str) else value.decode()
+            elif key == self._session_key:
+                session_key = value if isinstance(value, str) else value.decode()
+        route = RouteRequest(model_name, model_version, tenant=tenant, session_key=session_key)
+        return route, _forwardable(metadata, request_id)
 
     async def _first(self, route: RouteRequest, prompt_token_ids) -> Backend:
-        self._refuse_if_saturated(route)
-        backend = self._pool.pick(route, prompt_token_ids)
+        candidates = self._pool.routable(route.model_name, route.model_version)
+        self._refuse_if_saturated(route, candidates)
+        backend = self._pool.pick(route, prompt_token_ids, candidates=candidates)
         if backend is not None:
             return backend
         await self._catalog.check(route.model_name, route.model_version)
         metrics.REJECTED.labels(route.model_name, "no_replica").inc()
         raise no_replica(route)
 
-    def _refuse_if_saturated(self, route: RouteRequest) -> None:
+    def _refuse_if_saturated(self, route: RouteRequest, replicas: list[Backend]) -> None:
         """Refuse here, without a hop, what every replica's own report says it would refuse: all
         are past their queue-wait bound and the tenant holds at least its share of what is in
         flight. (A tenant below its share goes on: a replica weighs it against its fair share,
         which may leave it room.)"""
-        replicas = self._pool.routable(route.model_name, route.model_version)
         if not replicas or not all(r.load.saturated for r in replicas):
             return
         if not self._limiter.holds_share(route.model_name, route.tenant):
@@ -133,13 +151,15 @@ class RoutingServicer:
             route, metadata = self._route(*_identity(request), context)
             if message_class is pb.ModelInferRequest and self._is_llm(route.model_name):
                 request_bytes, prompt_token_ids = self._with_triton_prompt_ids(route, request, request_bytes)
-            with self._limiter.hold(route.model_name, route.tenant):
+            self._limiter.acquire(route.model_name, route.tenant)
+            try:
                 backend = await self._first(route, prompt_token_ids)
-                try:
-                    return await self._relay.unary(method, route, request_bytes, context, metadata, backend,
-                                                   prompt_token_ids)
-                except RelayError as failure:
-                    await failure.abort(context)
+                return await self._relay.unary(method, route, request_bytes, context, metadata, backend,
+                                               prompt_token_ids)
+            except RelayError as failure:
+                await failure.abort(context)
+            finally:
+                self._limiter.release(route.model_name, route.tenant)
 
         return handle
 
@@ -193,7 +213,7 @@ class RoutingServicer:
                         await self._serve_stream_request(route, request, request_bytes, context, metadata, responses)
                 except (TensoryardError, RelayError) as error:
                     message = error.details if isinstance(error, RelayError) else status_for(error)[1]
-                    await responses.put(_stream_error(request_id, message))
+                    await responses.put(stream_error(request_id, message))
 
             async def read() -> None:
                 async for request_bytes in request_iterator:
@@ -234,7 +254,7 @@ class RoutingServicer:
             return
         backend = await self._first(route, None)
         reply = await self._relay.unary(MODEL_INFER, route, request_bytes, context, metadata, backend)
-        await responses.put(_as_stream_response(reply))
+        await responses.put(as_stream_response(reply))
 
     def _with_triton_prompt_ids(self, route: RouteRequest, request, request_bytes: bytes):
         """For an LLM request in Triton's form: the prompt's token ids (when the policy routes by
@@ -242,7 +262,7 @@ class RoutingServicer:
         tokenizer = self._tokenizer_for(route)
         if tokenizer is None or PROMPT_TOKEN_IDS_PARAMETER in request.parameters:
             return request_bytes, None
-        prompt = _triton_text_input(request)
+        prompt = triton_text_input(request)
         if prompt is None:
             return request_bytes, None  # the worker names what is wrong with the request
         token_ids = tokenizer.token_ids(prompt=prompt)
@@ -317,131 +337,4 @@ def _identity(request) -> tuple[str, str, str]:
     return request.name, request.version, ""
 
 
-def _triton_text_input(request) -> str | None:
-    """The first element of the request's text_input, decoded; None if it cannot be read."""
-    for index, tensor in enumerate(request.inputs):
-        if tensor.name != "text_input" or tensor.datatype != "BYTES":
-            continue
-        if request.raw_input_contents:
-            if index >= len(request.raw_input_contents):
-                return None
-            raw = request.raw_input_contents[index]
-            if len(raw) < 4:
-                return None
-            (length,) = struct.unpack_from("<I", raw)
-            data = raw[4 : 4 + length]
-            if len(data) != length:
-                return None
-        elif tensor.contents.bytes_contents:
-            data = tensor.contents.bytes_contents[0]
-        else:
-            return None
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    return None
-
-
-def _stream_error(request_id: str, message: str) -> bytes:
-    """An in-stream error for one request, as a worker (or Triton) sends it."""
-    response = pb.ModelStreamInferResponse(
-        error_message=message, infer_response=pb.ModelInferResponse(id=request_id)
-    )
-    return response.SerializeToString()
-
-
-def _as_stream_response(infer_response: bytes) -> bytes:
-    """ModelStreamInferResponse{infer_response = these bytes}, without decoding them: field 2,
-    length-delimited."""
-    return b"\x12" + _varint(len(infer_response)) + infer_response
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _unimplemented(reason: str) -> Callable:
-    async def handle(request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, reason)
-
-    return handle
-
-
-_SHM_REASON = "shared-memory tensors are not supported: send tensor data in raw_input_contents"
-_UNSUPPORTED = {
-    "RepositoryModelLoad": "models are loaded by starting workers (tensoryard worker --model-name ...)",
-    "RepositoryModelUnload": "models are unloaded by draining their workers",
-    "SystemSharedMemoryStatus": _SHM_REASON,
-    "SystemSharedMemoryRegister": _SHM_REASON,
-    "SystemSharedMemoryUnregister": _SHM_REASON,
-    "CudaSharedMemoryStatus": _SHM_REASON,
-    "CudaSharedMemoryRegister": _SHM_REASON,
-    "CudaSharedMemoryUnregister": _SHM_REASON,
-    "TraceSetting": "tracing settings are not supported",
-    "LogSettings": "log settings are set per process at start-up",
-}
-_FORWARDED = {
-    "ModelInfer": pb.ModelInferRequest,
-    "ModelMetadata": pb.ModelMetadataRequest,
-    "ModelConfig": pb.ModelConfigRequest,
-}
-
-
-def inference_handler(servicer: RoutingServicer) -> grpc.GenericRpcHandler:
-    """One generic handler for the whole service: raw for forwarded calls, typed for the rest."""
-    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    handlers = {}
-    for name, message_class in _FORWARDED.items():
-        handlers[name] = grpc.unary_unary_rpc_method_handler(
-            servicer.forward_unary(f"/{SERVICE}/{name}", message_class)
-        )
-    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(servicer.forward_stream())
-    for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "RepositoryIndex", "ModelStatistics"):
-        method = service.methods_by_name[name]
-        handlers[name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
-            request_deserializer=_message_class(method.input_type).FromString,
-            response_serializer=_message_class(method.output_type).SerializeToString,
-        )
-    for name, reason in _UNSUPPORTED.items():
-        method = service.methods_by_name[name]
-        handlers[name] = grpc.unary_unary_rpc_method_handler(
-            _unimplemented(reason),
-            request_deserializer=_message_class(method.input_type).FromString,
-            response_serializer=_message_class(method.output_type).SerializeToString,
-        )
-    missing = set(service.methods_by_name) - set(handlers)
-    if missing:
-        raise RuntimeError(f"router handles no {sorted(missing)}")
-    return grpc.method_handlers_generic_handler(SERVICE, handlers)
-
-
-def native_handlers(servicer: RoutingServicer) -> list[tuple[grpc.GenericRpcHandler, str]]:
-    """Forwarded native APIs, bytes in and bytes out like ModelInfer."""
-    embed = grpc.unary_unary_rpc_method_handler(
-        servicer.forward_unary("/tensoryard.v1.Embeddings/Embed", embeddings_pb2.EmbedRequest)
-    )
-    generate = grpc.unary_stream_rpc_method_handler(servicer.generate())
-    return [
-        (grpc.method_handlers_generic_handler("tensoryard.v1.Embeddings", {"Embed": embed}), "tensoryard.v1.Embeddings"),
-        (
-            grpc.method_handlers_generic_handler("tensoryard.v1.TextGeneration", {"Generate": generate}),
-            "tensoryard.v1.TextGeneration",
-        ),
-    ]
-
-
-def _message_class(descriptor):
-    return getattr(pb, descriptor.name)
-
-
-__all__ = ["RoutingServicer", "inference_handler", "native_handlers", "NotFound"]
+__all__ = ["RoutingServicer", "NotFound"]

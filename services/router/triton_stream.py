@@ -11,6 +11,8 @@ Kept apart from relay.py: it needs the `inference` protos, which a process may l
 
 from __future__ import annotations
 
+import struct
+
 from protos.inference import grpc_service_pb2 as pb
 from services.router.pool import Backend
 
@@ -47,3 +49,55 @@ class TritonGenerate:
             RESUME_TOKEN_IDS_PARAMETER: pb.InferParameter(string_param=" ".join(map(str, sent_token_ids))),
         })
         return request + extra.SerializeToString()
+
+
+def triton_text_input(request) -> str | None:
+    """The first element of the request's text_input, decoded; None if it cannot be read."""
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name != "text_input" or tensor.datatype != "BYTES":
+            continue
+        if request.raw_input_contents:
+            if index >= len(request.raw_input_contents):
+                return None
+            raw = request.raw_input_contents[index]
+            if len(raw) < 4:
+                return None
+            (length,) = struct.unpack_from("<I", raw)
+            data = raw[4 : 4 + length]
+            if len(data) != length:
+                return None
+        elif tensor.contents.bytes_contents:
+            data = tensor.contents.bytes_contents[0]
+        else:
+            return None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
+def stream_error(request_id: str, message: str) -> bytes:
+    """An in-stream error for one request, as a worker (or Triton) sends it."""
+    response = pb.ModelStreamInferResponse(
+        error_message=message, infer_response=pb.ModelInferResponse(id=request_id)
+    )
+    return response.SerializeToString()
+
+
+def as_stream_response(infer_response: bytes) -> bytes:
+    """ModelStreamInferResponse{infer_response = these bytes}, without decoding them: field 2,
+    length-delimited."""
+    return b"\x12" + _varint(len(infer_response)) + infer_response
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

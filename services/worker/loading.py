@@ -19,7 +19,8 @@ from services.worker.engine.config import CacheConfig, EngineConfig, SchedulerCo
 from services.worker.engine.engine import LLMEngine
 from services.worker.engine.loop import EngineLoop
 from services.worker.engine.sampler import SamplingParams
-from services.worker.generation_model import GenerationModel, sampling_defaults_from
+from services.worker.generation_jobs import sampling_defaults_from
+from services.worker.generation_model import GenerationModel
 from services.worker.load_reports import LoadPublisher
 from services.worker.model_files import FetchedVersion
 from services.worker.models.sentence_encoder import SentenceEncoder

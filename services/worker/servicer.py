@@ -149,9 +149,9 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
         }
         if request.WhichOneof("input") == "messages":
             messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-            job = model.job_from_messages(messages, overrides, request.priority, **routing)
+            job = model.jobs.from_messages(messages, overrides, request.priority, **routing)
         elif request.WhichOneof("input") == "prompt" or request.prompt_token_ids:
-            job = model.job_from_prompt(request.prompt, overrides, request.priority, **routing)
+            job = model.jobs.from_prompt(request.prompt, overrides, request.priority, **routing)
         else:
             raise InvalidArgument("the request has no input: set prompt, messages or prompt_token_ids")
         with self._state.track_request():

@@ -89,7 +89,10 @@ def test_200_cancel_deadline_and_error_cycles_leak_nothing(generation, worker_st
             try:
                 collect(generation, long_request(), timeout_s=0.05)
             except grpc.RpcError as error:
-                assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                # 50 ms is about one step on this CPU: the deadline passes at the engine, or admission
+                # sees the first token would come too late behind what is still being cleaned up
+                # (RESOURCE_EXHAUSTED, nothing computed). Either way nothing may leak.
+                assert error.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
                 codes[kind] += 1
         else:
             with pytest.raises(grpc.RpcError) as error:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.faults.conftest import SMALL_LLM, wait_until
+from tests.faults.conftest import SMALL_LLM
 from tests.faults.generation_client import Client, percentile, request
 
 pytestmark = pytest.mark.slow
