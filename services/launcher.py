@@ -217,47 +217,41 @@ class Launcher:
             self.stop_all()
 
     def _wait_health(self, name: str, address: str, stop_requested: list) -> None:
-        deadline = time.monotonic() + self.options.ready_timeout_s
-        with grpc.insecure_channel(address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline and not stop_requested:
-                self._raise_if_ended()
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise _StartFailed(f"{name} did not become ready at {address}; see {self.logs / name}.log")
+        def serving(channel) -> bool:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        self._wait(address, serving, stop_requested, f"{name} did not become ready at {address}; "
+                   f"see {self.logs / name}.log")
 
     def _wait_router_live(self, router_address: str, stop_requested: list) -> None:
-        deadline = time.monotonic() + self.options.ready_timeout_s
-        with grpc.insecure_channel(router_address) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while time.monotonic() < deadline and not stop_requested:
-                self._raise_if_ended()
-                try:
-                    if stub.ServerLive(pb.ServerLiveRequest(), timeout=1).live:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise _StartFailed(f"router did not become live at {router_address}; see {self.logs / 'router'}.log")
+        def live(channel) -> bool:
+            return pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=1).live
+
+        self._wait(router_address, live, stop_requested,
+                   f"router did not become live at {router_address}; see {self.logs / 'router'}.log")
 
     def _wait_model_ready(self, router_address: str, model_name: str, stop_requested: list) -> None:
-        deadline = time.monotonic() + self.options.ready_timeout_s
-        with grpc.insecure_channel(router_address) as channel:
+        def ready(channel) -> bool:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            return stub.ModelReady(pb.ModelReadyRequest(name=model_name), timeout=1).ready
+
+        self._wait(router_address, ready, stop_requested,
+                   f"model {model_name} did not become ready; see the worker logs in {self.logs}")
+
+    def _wait(self, address: str, check, stop_requested: list, failure: str) -> None:
+        """Until check(channel) is true (a call that fails counts as not yet), or fail `up`."""
+        deadline = time.monotonic() + self.options.ready_timeout_s
+        with grpc.insecure_channel(address) as channel:
             while time.monotonic() < deadline and not stop_requested:
                 self._raise_if_ended()
                 try:
-                    if stub.ModelReady(pb.ModelReadyRequest(name=model_name), timeout=1).ready:
+                    if check(channel):
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.1)
-        raise _StartFailed(f"model {model_name} did not become ready; see the worker logs in {self.logs}")
+        raise _StartFailed(failure)
 
     def _raise_if_ended(self) -> None:
         if self._ended:

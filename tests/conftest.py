@@ -90,24 +90,29 @@ class Stack:
         return [i.address for i in reply.instances]
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> Stack:
-    """`tensoryard up` exactly as the README runs it, on free ports."""
-    home = tmp_path_factory.mktemp("tensoryard-home")
+def start_up(home: Path, *flags: str, env: dict | None = None, timeout_s: float = 240) -> Stack:
+    """`tensoryard up` with these flags on free ports, once it has printed its ready line."""
     ports = [free_port() for _ in range(4)]
     output_path = home / "up.out"
     process = cli(
-        "up", "--home", str(home),
+        "up", "--home", str(home), *flags,
         "--router-port", str(ports[0]), "--registry-port", str(ports[1]),
         "--router-metrics-port", str(ports[2]), "--registry-metrics-port", str(ports[3]),
-        log_path=output_path,
+        log_path=output_path, env=env,
     )
     wait_until(
         lambda: process.poll() is not None or "tensoryard is ready" in output_path.read_text(),
-        timeout_s=240,
+        timeout_s=timeout_s,
         what="tensoryard up to print its ready line",
         interval_s=0.2,
     )
     assert process.poll() is None, f"tensoryard up exited: {output_path.read_text()}"
-    yield Stack(f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", home, process, output_path)
-    stop(process)
+    return Stack(f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", home, process, output_path)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    """`tensoryard up` exactly as the README runs it, on free ports."""
+    up = start_up(tmp_path_factory.mktemp("tensoryard-home"))
+    yield up
+    stop(up.process)

@@ -90,9 +90,11 @@ class ReplicaLoad:
 
     @property
     def num_active_blocks(self) -> float:
-        """KV blocks in use or about to be: used blocks, queued prompt tokens, and what was routed
-        since the last report (in blocks of the replica's size)."""
+        """The decode work on the replica, in KV blocks: each running sequence's whole context (a
+        prefix shared by many sequences counts for each: each one's attention reads it every step),
+        the prompts queued, and the prompts routed there since the last report."""
         if self.stats is None:
             return float(self.num_blocks_routed_since_report)
-        queued = self.stats.num_queued_prompt_tokens / self.block_size
-        return self.stats.num_kv_blocks_used + queued + self.num_blocks_routed_since_report
+        context = self.stats.num_context_tokens or self.stats.num_kv_blocks_used * self.block_size
+        queued = self.stats.num_queued_prompt_tokens
+        return (context + queued) / self.block_size + self.num_blocks_routed_since_report

@@ -10,7 +10,8 @@ choose the version before this and plug in here; discovery decides who the repli
   plus what this router sent since the report): two replicas at random, the less loaded wins —
   nearly as good as the global minimum and it does not herd a burst onto one replica.
 - `kv_aware`: cost = overlap_weight * (prompt blocks the replica does not hold) + the replica's
-  active blocks (in use, queued, and routed since its report); lowest wins, ties at random, or drawn
+  active blocks (its running sequences' contexts, each in full, plus prompts queued and routed since
+  its report: the decode work there); lowest wins, ties at random, or drawn
   by a softmax over the costs when `temperature` > 0. A **load guard** keeps a hot prefix from piling
   everything onto the replica that holds it: load is seat occupancy (requests on the replica over its
   `max_num_seqs`), and when the most loaded candidate is more than `abs_occupancy` above the least

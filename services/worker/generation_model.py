@@ -117,7 +117,6 @@ class GenerationModel:
         self.publisher.block_size = block_size
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._active: set[AsyncStream] = set()  # in-flight generations, for cut_off()
-        self.last_report_at_s = time.monotonic()
         loop.on_report(self._on_report)
 
     def start_serving(self, event_loop: asyncio.AbstractEventLoop) -> None:
@@ -340,6 +339,7 @@ class GenerationModel:
             "num_running": stats.num_running,
             "num_waiting": stats.num_waiting,
             "num_queued_prompt_tokens": stats.num_queued_prompt_tokens,
+            "num_context_tokens": stats.num_context_tokens,
             "num_prefix_query_tokens": stats.num_prefix_query_tokens,
             "num_prefix_hit_tokens": stats.num_prefix_hit_tokens,
             "num_generated_tokens": stats.num_generated_tokens,

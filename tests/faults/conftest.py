@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from protos.tensoryard.v1 import discovery_pb2, discovery_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.conftest import MODEL, REPO_ROOT, cli, free_port, health_status, stop, wait_until  # noqa: F401
+from tests.conftest import MODEL, REPO_ROOT, cli, free_port, health_status, start_up, stop, wait_until  # noqa: F401
 
 LLM = "SmolLM2-135M-Instruct"
 SMALL_LLM = "smollm2-four-seats"
@@ -93,22 +93,12 @@ def _up_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory) -> Fleet:
-    home = tmp_path_factory.mktemp("fleet")
-    ports = [free_port() for _ in range(4)]
-    output_path = home / "up.out"
-    process = cli(
-        "up", "--no-embedding", "--workers-per-model", "2", "--home", str(home),
-        "--router-port", str(ports[0]), "--registry-port", str(ports[1]),
-        "--router-metrics-port", str(ports[2]), "--registry-metrics-port", str(ports[3]),
-        log_path=output_path, env=_up_env(),
-    )
-    wait_until(lambda: process.poll() is not None or "tensoryard is ready" in output_path.read_text(),
-               timeout_s=300, what="tensoryard up (two LLM workers) to be ready", interval_s=0.2)
-    assert process.poll() is None, output_path.read_text()
-    fleet = Fleet(f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", home, output_path, up_pid=process.pid)
+    up = start_up(tmp_path_factory.mktemp("fleet"), "--no-embedding", "--workers-per-model", "2",
+                  env=_up_env(), timeout_s=300)
+    fleet = Fleet(up.router, up.registry, up.home, up.output_path, up_pid=up.process.pid)
     fleet.wait_for_workers(2)
     yield fleet
-    stop(process, timeout_s=60)
+    stop(up.process, timeout_s=60)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from tests.faults.conftest import DRAIN_TIMEOUT_S, LLM, signal_pid, wait_pid_gone, wait_until
+from tests.faults.conftest import DRAIN_TIMEOUT_S, LLM, signal_pid, start_router, wait_pid_gone, wait_until
 from tests.faults.generation_client import Client, generate, request
 
 pytestmark = pytest.mark.slow
@@ -90,3 +90,85 @@ def test_sigkill_of_a_worker_mid_stream_moves_every_stream_to_the_other_with_the
                "up to report the restart")
     workers = fleet.wait_for_workers(2)
     assert victim.pid not in {w.pid for w in workers}
+
+
+def _triton_streams(router: str, prompts: list[str], on_flowing=None, max_tokens: int = 48) -> dict[str, str]:
+    """Streaming LLM requests on one tritonclient stream; the whole text of each, by request id."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(router)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)), stream_timeout=120)
+    try:
+        for index, prompt in enumerate(prompts):
+            text_input = triton.InferInput("text_input", [1], "BYTES")
+            text_input.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+            stream = triton.InferInput("stream", [1], "BOOL")
+            stream.set_data_from_numpy(np.array([True]))
+            client.async_stream_infer(LLM, [text_input, stream], request_id=f"r{index}", parameters={
+                "temperature": "0", "max_tokens": max_tokens, "ignore_eos": "true"})
+        texts = {f"r{i}": "" for i in range(len(prompts))}
+        finished: set[str] = set()
+        num_chunks = 0
+        while len(finished) < len(prompts):
+            result, error = responses.get(timeout=120)
+            assert error is None, error
+            response = result.get_response()
+            assert not response.parameters.get("tensoryard_token_ids"), "the router strips its own parameter"
+            texts[response.id] += result.as_numpy("text_output")[0].decode()
+            num_chunks += 1
+            if on_flowing is not None and num_chunks == 2 * len(prompts):
+                on_flowing()
+            if response.parameters["triton_final_response"].bool_param:
+                finished.add(response.id)
+        return texts
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_triton_streams_move_to_the_other_worker_when_theirs_is_killed(fleet):
+    fleet.wait_for_workers(2)
+    prompts = [f"Triton story {i}: the keeper climbed the stairs and" for i in range(8)]
+    reference = _triton_streams(fleet.router, prompts)
+    victims = []
+
+    def kill_busiest():
+        victim = max(fleet.workers(), key=lambda w: w.stats().num_in_flight)
+        victims.append(victim)
+        signal_pid(victim.pid, signal.SIGKILL)
+
+    texts = _triton_streams(fleet.router, prompts, on_flowing=kill_busiest)
+    assert victims, "the streams never flowed"
+    assert texts == reference
+    fleet.wait_for_workers(2)
+
+
+def test_a_router_drains_like_a_worker_its_streams_finish_and_it_exits_in_time(fleet):
+    fleet.wait_for_workers(2)
+    process, address = start_router(fleet, "--drain-timeout-s", str(DRAIN_TIMEOUT_S), log_name="router-drain.log")
+    messages = [request(LLM, f"Router drain {i}: once upon a time", 24) for i in range(8)]
+
+    async def run():
+        flowing = asyncio.Event()
+        started = set()
+
+        def on_token(outcome) -> None:
+            started.add(id(outcome))
+            if len(started) == len(messages):
+                flowing.set()
+
+        async with Client(address) as client:
+            calls = asyncio.gather(*(generate(client.stub, m, timeout_s=60, on_token=on_token) for m in messages))
+            await asyncio.wait_for(flowing.wait(), 60)
+            process.send_signal(signal.SIGTERM)
+            exit_s = await asyncio.to_thread(wait_pid_gone, process.pid, DRAIN_TIMEOUT_S + 10)
+            return await calls, exit_s
+
+    outcomes, exit_s = asyncio.run(run())
+    assert [(o.code, len(o.token_ids)) for o in outcomes] == [("OK", 24)] * len(messages)
+    assert exit_s <= DRAIN_TIMEOUT_S + 1.0
+    assert process.wait(5) == 0

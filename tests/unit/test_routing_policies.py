@@ -138,3 +138,21 @@ def test_a_replica_past_its_own_wait_bound_is_saturated():
     assert load.saturated and abs(load.retry_after_s - 0.3) < 1e-6
     load.on_report(worker_pb2.WorkerStats(state="SERVING", estimated_queue_wait_s=0.1, queue_wait_bound_s=0.2), 0.1)
     assert not load.saturated
+
+
+def test_each_running_sequence_counts_its_whole_context_so_a_hot_prefix_spreads_out():
+    index = KvIndex()
+    index.apply_events("hot", HASHES, [], snapshot=True)  # a 10-block prefix, cached on one replica
+    policy = KvAware(index, overlap_weight=4.0)
+
+    def hot_with(num_sequences: int) -> FakeReplica:
+        load = ReplicaLoad()
+        # Each sequence: the shared prefix and two blocks of its own, 12 blocks of 16 tokens.
+        load.on_report(worker_pb2.WorkerStats(state="SERVING", num_running=num_sequences, max_num_seqs=64,
+                                              num_kv_blocks_used=10 + 2 * num_sequences,
+                                              num_context_tokens=num_sequences * 12 * 16), now_s=0.0)
+        return FakeReplica("hot", load)
+
+    request = RouteRequest("m", block_hashes=HASHES)
+    assert policy.choose(request, [hot_with(2), replica("cold")]).instance_id == "hot"  # 24 < 40
+    assert policy.choose(request, [hot_with(4), replica("cold")]).instance_id == "cold"  # 48 > 40

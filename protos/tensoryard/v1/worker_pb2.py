@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atensoryard/v1/worker.proto\x12\rtensoryard.v1\"\x11\n\x0fGetStatsRequest\"Q\n\x11StreamLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\x12\x14\n\x0cheartbeat_ms\x18\x02 \x01(\r\x12\x11\n\tkv_events\x18\x03 \x01(\x08\"c\n\nLoadReport\x12)\n\x05stats\x18\x01 \x01(\x0b\x32\x1a.tensoryard.v1.WorkerStats\x12*\n\tkv_events\x18\x02 \x01(\x0b\x32\x17.tensoryard.v1.KvEvents\"Q\n\x08KvEvents\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\x0e\n\x06stored\x18\x03 \x03(\x0c\x12\x0f\n\x07removed\x18\x04 \x03(\x0c\"\x8d\x05\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\r\x12\x15\n\rnum_in_flight\x18\x06 \x01(\r\x12\x17\n\x0fnum_requests_ok\x18\x07 \x01(\x04\x12\x1b\n\x13num_requests_failed\x18\x08 \x01(\x04\x12\x1b\n\x13num_kv_blocks_total\x18\t \x01(\r\x12\x1a\n\x12num_kv_blocks_used\x18\n \x01(\r\x12\x13\n\x0bnum_running\x18\x0b \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0c \x01(\r\x12\x19\n\x11last_step_unix_ms\x18\r \x01(\x04\x12\x1a\n\x12num_kv_blocks_free\x18\x0e \x01(\r\x12 \n\x18num_queued_prompt_tokens\x18\x0f \x01(\x04\x12\x1f\n\x17num_prefix_query_tokens\x18\x10 \x01(\x04\x12\x1d\n\x15num_prefix_hit_tokens\x18\x11 \x01(\x04\x12\x1c\n\x14num_generated_tokens\x18\x12 \x01(\x04\x12\x1e\n\x16\x65stimated_queue_wait_s\x18\x13 \x01(\x02\x12\x14\n\x0cmax_num_seqs\x18\x14 \x01(\r\x12\x14\n\x0cnum_rejected\x18\x15 \x01(\x04\x12\x1a\n\x12queue_wait_bound_s\x18\x16 \x01(\x02\x12\x13\n\x0bstep_base_s\x18\x17 \x01(\x02\x12\x16\n\x0estep_per_seq_s\x18\x18 \x01(\x02\x12 \n\x18step_per_prefill_token_s\x18\x19 \x01(\x02\"!\n\x0c\x44rainRequest\x12\x11\n\ttimeout_s\x18\x01 \x01(\r\"%\n\rDrainResponse\x12\x14\n\x0cnum_finished\x18\x01 \x01(\r\"\xa3\x01\n\x12InjectFaultRequest\x12\x36\n\x05\x66\x61ult\x18\x01 \x01(\x0e\x32\'.tensoryard.v1.InjectFaultRequest.Fault\x12\x12\n\nduration_s\x18\x02 \x01(\x02\"A\n\x05\x46\x61ult\x12\x15\n\x11\x46\x41ULT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bHANG_ENGINE\x10\x01\x12\x10\n\x0c\x43RASH_ENGINE\x10\x02\"\x15\n\x13InjectFaultResponse2\xc6\x02\n\rWorkerControl\x12H\n\x08GetStats\x12\x1e.tensoryard.v1.GetStatsRequest\x1a\x1a.tensoryard.v1.WorkerStats\"\x00\x12M\n\nStreamLoad\x12 .tensoryard.v1.StreamLoadRequest\x1a\x19.tensoryard.v1.LoadReport\"\x00\x30\x01\x12\x44\n\x05\x44rain\x12\x1b.tensoryard.v1.DrainRequest\x1a\x1c.tensoryard.v1.DrainResponse\"\x00\x12V\n\x0bInjectFault\x12!.tensoryard.v1.InjectFaultRequest\x1a\".tensoryard.v1.InjectFaultResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atensoryard/v1/worker.proto\x12\rtensoryard.v1\"\x11\n\x0fGetStatsRequest\"Q\n\x11StreamLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\x12\x14\n\x0cheartbeat_ms\x18\x02 \x01(\r\x12\x11\n\tkv_events\x18\x03 \x01(\x08\"c\n\nLoadReport\x12)\n\x05stats\x18\x01 \x01(\x0b\x32\x1a.tensoryard.v1.WorkerStats\x12*\n\tkv_events\x18\x02 \x01(\x0b\x32\x17.tensoryard.v1.KvEvents\"Q\n\x08KvEvents\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\x0e\n\x06stored\x18\x03 \x03(\x0c\x12\x0f\n\x07removed\x18\x04 \x03(\x0c\"\xa9\x05\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\r\x12\x15\n\rnum_in_flight\x18\x06 \x01(\r\x12\x17\n\x0fnum_requests_ok\x18\x07 \x01(\x04\x12\x1b\n\x13num_requests_failed\x18\x08 \x01(\x04\x12\x1b\n\x13num_kv_blocks_total\x18\t \x01(\r\x12\x1a\n\x12num_kv_blocks_used\x18\n \x01(\r\x12\x13\n\x0bnum_running\x18\x0b \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0c \x01(\r\x12\x19\n\x11last_step_unix_ms\x18\r \x01(\x04\x12\x1a\n\x12num_kv_blocks_free\x18\x0e \x01(\r\x12 \n\x18num_queued_prompt_tokens\x18\x0f \x01(\x04\x12\x1f\n\x17num_prefix_query_tokens\x18\x10 \x01(\x04\x12\x1d\n\x15num_prefix_hit_tokens\x18\x11 \x01(\x04\x12\x1c\n\x14num_generated_tokens\x18\x12 \x01(\x04\x12\x1e\n\x16\x65stimated_queue_wait_s\x18\x13 \x01(\x02\x12\x14\n\x0cmax_num_seqs\x18\x14 \x01(\r\x12\x14\n\x0cnum_rejected\x18\x15 \x01(\x04\x12\x1a\n\x12queue_wait_bound_s\x18\x16 \x01(\x02\x12\x13\n\x0bstep_base_s\x18\x17 \x01(\x02\x12\x16\n\x0estep_per_seq_s\x18\x18 \x01(\x02\x12 \n\x18step_per_prefill_token_s\x18\x19 \x01(\x02\x12\x1a\n\x12num_context_tokens\x18\x1a \x01(\x04\"!\n\x0c\x44rainRequest\x12\x11\n\ttimeout_s\x18\x01 \x01(\r\"%\n\rDrainResponse\x12\x14\n\x0cnum_finished\x18\x01 \x01(\r\"\xa3\x01\n\x12InjectFaultRequest\x12\x36\n\x05\x66\x61ult\x18\x01 \x01(\x0e\x32\'.tensoryard.v1.InjectFaultRequest.Fault\x12\x12\n\nduration_s\x18\x02 \x01(\x02\"A\n\x05\x46\x61ult\x12\x15\n\x11\x46\x41ULT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bHANG_ENGINE\x10\x01\x12\x10\n\x0c\x43RASH_ENGINE\x10\x02\"\x15\n\x13InjectFaultResponse2\xc6\x02\n\rWorkerControl\x12H\n\x08GetStats\x12\x1e.tensoryard.v1.GetStatsRequest\x1a\x1a.tensoryard.v1.WorkerStats\"\x00\x12M\n\nStreamLoad\x12 .tensoryard.v1.StreamLoadRequest\x1a\x19.tensoryard.v1.LoadReport\"\x00\x30\x01\x12\x44\n\x05\x44rain\x12\x1b.tensoryard.v1.DrainRequest\x1a\x1c.tensoryard.v1.DrainResponse\"\x00\x12V\n\x0bInjectFault\x12!.tensoryard.v1.InjectFaultRequest\x1a\".tensoryard.v1.InjectFaultResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,17 +40,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVEVENTS']._serialized_start=248
   _globals['_KVEVENTS']._serialized_end=329
   _globals['_WORKERSTATS']._serialized_start=332
-  _globals['_WORKERSTATS']._serialized_end=985
-  _globals['_DRAINREQUEST']._serialized_start=987
-  _globals['_DRAINREQUEST']._serialized_end=1020
-  _globals['_DRAINRESPONSE']._serialized_start=1022
-  _globals['_DRAINRESPONSE']._serialized_end=1059
-  _globals['_INJECTFAULTREQUEST']._serialized_start=1062
-  _globals['_INJECTFAULTREQUEST']._serialized_end=1225
-  _globals['_INJECTFAULTREQUEST_FAULT']._serialized_start=1160
-  _globals['_INJECTFAULTREQUEST_FAULT']._serialized_end=1225
-  _globals['_INJECTFAULTRESPONSE']._serialized_start=1227
-  _globals['_INJECTFAULTRESPONSE']._serialized_end=1248
-  _globals['_WORKERCONTROL']._serialized_start=1251
-  _globals['_WORKERCONTROL']._serialized_end=1577
+  _globals['_WORKERSTATS']._serialized_end=1013
+  _globals['_DRAINREQUEST']._serialized_start=1015
+  _globals['_DRAINREQUEST']._serialized_end=1048
+  _globals['_DRAINRESPONSE']._serialized_start=1050
+  _globals['_DRAINRESPONSE']._serialized_end=1087
+  _globals['_INJECTFAULTREQUEST']._serialized_start=1090
+  _globals['_INJECTFAULTREQUEST']._serialized_end=1253
+  _globals['_INJECTFAULTREQUEST_FAULT']._serialized_start=1188
+  _globals['_INJECTFAULTREQUEST_FAULT']._serialized_end=1253
+  _globals['_INJECTFAULTRESPONSE']._serialized_start=1255
+  _globals['_INJECTFAULTRESPONSE']._serialized_end=1276
+  _globals['_WORKERCONTROL']._serialized_start=1279
+  _globals['_WORKERCONTROL']._serialized_end=1605
 # @@protoc_insertion_point(module_scope)

@@ -42,7 +42,7 @@ class KvEvents(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., snapshot: _Optional[bool] = ..., stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "model_name", "model_version", "state", "queue_depth", "num_in_flight", "num_requests_ok", "num_requests_failed", "num_kv_blocks_total", "num_kv_blocks_used", "num_running", "num_waiting", "last_step_unix_ms", "num_kv_blocks_free", "num_queued_prompt_tokens", "num_prefix_query_tokens", "num_prefix_hit_tokens", "num_generated_tokens", "estimated_queue_wait_s", "max_num_seqs", "num_rejected", "queue_wait_bound_s", "step_base_s", "step_per_seq_s", "step_per_prefill_token_s")
+    __slots__ = ("worker_id", "model_name", "model_version", "state", "queue_depth", "num_in_flight", "num_requests_ok", "num_requests_failed", "num_kv_blocks_total", "num_kv_blocks_used", "num_running", "num_waiting", "last_step_unix_ms", "num_kv_blocks_free", "num_queued_prompt_tokens", "num_prefix_query_tokens", "num_prefix_hit_tokens", "num_generated_tokens", "estimated_queue_wait_s", "max_num_seqs", "num_rejected", "queue_wait_bound_s", "step_base_s", "step_per_seq_s", "step_per_prefill_token_s", "num_context_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class WorkerStats(_message.Message):
     STEP_BASE_S_FIELD_NUMBER: _ClassVar[int]
     STEP_PER_SEQ_S_FIELD_NUMBER: _ClassVar[int]
     STEP_PER_PREFILL_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model_name: str
     model_version: str
@@ -93,7 +94,8 @@ class WorkerStats(_message.Message):
     step_base_s: float
     step_per_seq_s: float
     step_per_prefill_token_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., state: _Optional[str] = ..., queue_depth: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., num_requests_ok: _Optional[int] = ..., num_requests_failed: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_kv_blocks_used: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., last_step_unix_ms: _Optional[int] = ..., num_kv_blocks_free: _Optional[int] = ..., num_queued_prompt_tokens: _Optional[int] = ..., num_prefix_query_tokens: _Optional[int] = ..., num_prefix_hit_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., estimated_queue_wait_s: _Optional[float] = ..., max_num_seqs: _Optional[int] = ..., num_rejected: _Optional[int] = ..., queue_wait_bound_s: _Optional[float] = ..., step_base_s: _Optional[float] = ..., step_per_seq_s: _Optional[float] = ..., step_per_prefill_token_s: _Optional[float] = ...) -> None: ...
+    num_context_tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., state: _Optional[str] = ..., queue_depth: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., num_requests_ok: _Optional[int] = ..., num_requests_failed: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_kv_blocks_used: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., last_step_unix_ms: _Optional[int] = ..., num_kv_blocks_free: _Optional[int] = ..., num_queued_prompt_tokens: _Optional[int] = ..., num_prefix_query_tokens: _Optional[int] = ..., num_prefix_hit_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., estimated_queue_wait_s: _Optional[float] = ..., max_num_seqs: _Optional[int] = ..., num_rejected: _Optional[int] = ..., queue_wait_bound_s: _Optional[float] = ..., step_base_s: _Optional[float] = ..., step_per_seq_s: _Optional[float] = ..., step_per_prefill_token_s: _Optional[float] = ..., num_context_tokens: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("timeout_s",)

@@ -71,6 +71,7 @@ class EngineStats:
     max_num_batched_tokens: int = 0
     block_size: int = 0
     num_queued_prompt_tokens: int = 0  # prompt tokens not yet computed, waiting or mid-prefill
+    num_context_tokens: int = 0  # over the running sequences, each counted in full
     num_generated_tokens: int = 0  # since the engine started
     # Output tokens each running sequence is still expected to generate, smallest first.
     running_remaining_tokens: tuple[int, ...] = ()
@@ -179,8 +180,10 @@ class LLMEngine:
             queue[1] += seq.num_uncomputed_tokens
             queue[2] += _expected_remaining(seq, fraction)
             num_queued_prompt_tokens += seq.num_uncomputed_tokens
+        num_context_tokens = 0
         for seq in s.running:
             tenants.setdefault(seq.tenant, [0, 0, 0, 0])[3] += 1
+            num_context_tokens += seq.num_tokens
             if seq.num_uncomputed_tokens > 1:  # mid-prefill: the rest of its prompt is still queued work
                 num_queued_prompt_tokens += seq.num_uncomputed_tokens
         return EngineStats(
@@ -190,6 +193,7 @@ class LLMEngine:
             num_prefix_hit_tokens=kv.num_hit_tokens, max_num_seqs=self.config.scheduler.max_num_seqs,
             max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
             block_size=kv.block_size, num_queued_prompt_tokens=num_queued_prompt_tokens,
+            num_context_tokens=num_context_tokens,
             num_generated_tokens=self.num_generated_tokens,
             running_remaining_tokens=tuple(sorted(_expected_remaining(seq, fraction) for seq in s.running)),
             tenant_queues={t: TenantQueue(*q) for t, q in tenants.items()},
