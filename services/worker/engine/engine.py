@@ -32,6 +32,59 @@ class Usage:
     num_cached_tokens: int  # prompt tokens served from the prefix cache
 
 
+@dataclass(frozen=True, slots=True)
+class RequestTimings:
+    """Where a finished request's time went, on the engine's clock (time.monotonic, seconds).
+    first_scheduled_s and first_token_s are None when it ended before getting that far."""
+
+    arrival_s: float
+    first_scheduled_s: float | None
+    first_token_s: float | None
+    finished_s: float
+    num_preemptions: int
+
+    @property
+    def queue_s(self) -> float:
+        return (self.first_scheduled_s if self.first_scheduled_s is not None else self.finished_s) - self.arrival_s
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def prefill_s(self) -> float | None:
+        if self.first_scheduled_s is None or self.first_token_s is None:
+            return None
+        return self.first_token_s - self.first_scheduled_s
+
+    @property
+    def decode_s(self) -> float | None:
+        return None if self.first_token_s is None else self.finished_s - self.first_token_s
+
+    @property
+    def inference_s(self) -> float | None:
+        return None if self.first_scheduled_s is None else self.finished_s - self.first_scheduled_s
+
+    @property
+    def e2e_s(self) -> float:
+        return self.finished_s - self.arrival_s
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One engine step, for the worker's metrics."""
+
+    started_s: float  # time.monotonic()
+    duration_s: float
+    num_seqs: int  # sequences in the batch
+    num_tokens: int  # tokens computed (prefill chunks and decodes)
+    num_prefill_tokens: int
+    num_sampled: int
+    num_preemptions: int  # during this step's scheduling
+    # For each sampled token that was not its sequence's first here: the time since the one before.
+    inter_token_latencies_s: tuple[float, ...] = ()
+
+
 @dataclass(slots=True)
 class RequestOutput:
     request_id: str
@@ -40,6 +93,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", "abort", "deadline"; None while running
     usage: Usage
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked
+    timings: RequestTimings | None = None  # on the final output only
 
     @property
     def finished(self) -> bool:
@@ -108,6 +162,7 @@ class LLMEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.step_cost = StepCostModel()
         self.num_generated_tokens = 0
+        self.last_step: StepRecord | None = None  # the latest step, if it ran a batch
         self._output_fraction = _RunningMean(initial=1.0)
 
     def add_request(
@@ -136,7 +191,7 @@ class LLMEngine:
         seq = Sequence(
             request_id=request_id, token_ids=[*prompt_token_ids, *output_token_ids],
             num_prompt_tokens=len(prompt_token_ids), params=params, priority=priority, tenant=tenant,
-            deadline_s=deadline_s, generator=generator,
+            deadline_s=deadline_s, generator=generator, arrival_time_s=time.monotonic(),
         )
         if self.tokenizer is not None:
             detokenizer = IncrementalDetokenizer(self.tokenizer, list(prompt_token_ids), params.stop)
@@ -153,14 +208,39 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        started_s = time.perf_counter()
+        started_s = time.monotonic()
+        self.last_step = None
+        num_preemptions_before = self.scheduler.num_preemptions
         scheduled = self.scheduler.schedule()
+        for seq in scheduled.scheduled_seqs:
+            if seq.first_scheduled_time_s is None:
+                seq.first_scheduled_time_s = started_s
         logits = self.runner.run(scheduled)
         sampled = self.sampler.sample(logits, scheduled.sampled_seqs)
         self.scheduler.update(scheduled, sampled.token_ids)
+        inter_token_latencies_s = self._stamp_tokens(scheduled.sampled_seqs)
         outputs = self._outputs(scheduled, sampled)
-        self._observe_step(scheduled, len(sampled.token_ids), time.perf_counter() - started_s)
+        duration_s = time.monotonic() - started_s
+        self._observe_step(scheduled, len(sampled.token_ids), duration_s)
+        if scheduled.scheduled_seqs:
+            self.last_step = StepRecord(
+                started_s, duration_s, len(scheduled.scheduled_seqs), scheduled.num_batched_tokens,
+                sum(n for n in scheduled.num_scheduled_tokens if n > 1), len(sampled.token_ids),
+                self.scheduler.num_preemptions - num_preemptions_before, inter_token_latencies_s,
+            )
         return outputs
+
+    @staticmethod
+    def _stamp_tokens(sampled_seqs: list[Sequence]) -> tuple[float, ...]:
+        now_s = time.monotonic()
+        latencies = []
+        for seq in sampled_seqs:
+            if seq.first_token_time_s is None:
+                seq.first_token_time_s = now_s
+            else:
+                latencies.append(now_s - seq.last_token_time_s)
+            seq.last_token_time_s = now_s
+        return tuple(latencies)
 
     def take_kv_events(self) -> KVEvents:
         """Blocks stored in and removed from the prefix cache since the last call."""
@@ -235,6 +315,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason.value if seq.finish_reason is not None else None,
             usage=Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens),
             logprobs=[logprobs] if logprobs is not None else None,
+            timings=_timings(seq) if seq.is_finished else None,
         )
 
     def _validate(self, request_id: str, prompt_token_ids, params: SamplingParams, output_token_ids) -> None:
@@ -270,6 +351,11 @@ class LLMEngine:
 
 
 _NATURAL_ENDS = (FinishReason.STOP, FinishReason.LENGTH)
+
+
+def _timings(seq: Sequence) -> RequestTimings:
+    return RequestTimings(seq.arrival_time_s, seq.first_scheduled_time_s, seq.first_token_time_s,
+                          time.monotonic(), seq.num_preemptions)
 
 
 def _expected_remaining(seq: Sequence, output_fraction: float) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from services.common.errors import AlreadyExists, TensoryardError, Unavailable
-from services.worker.engine.engine import EngineStats, LLMEngine, RequestOutput
+from services.worker.engine.engine import EngineStats, LLMEngine, RequestOutput, StepRecord
 from services.worker.engine.kv_cache import KVEvents
 from services.worker.engine.sampler import SamplingParams
 
@@ -83,6 +83,7 @@ class EngineReport:
     # AddRequests the engine has taken from its inbox so far: what a caller submitted after the
     # num_requests_received-th submission is not in these stats yet.
     num_requests_received: int = 0
+    step: StepRecord | None = None  # the step just run; None for an idle heartbeat
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +148,7 @@ def _run_engine(engine: LLMEngine, inbox: queue.Queue, outbox: queue.Queue, hear
                     )
                 except TensoryardError as error:
                     outbox.put(RequestFailed(command.request_id, error))
+        step = None
         if engine.has_unfinished() or crash_next_step:
             try:
                 if crash_next_step:
@@ -157,7 +159,8 @@ def _run_engine(engine: LLMEngine, inbox: queue.Queue, outbox: queue.Queue, hear
                 outbox.put(EngineStopped(Unavailable(f"engine step failed: {type(error).__name__}: {error}")))
                 return
             outbox.put(outputs)
-        outbox.put(EngineReport(engine.stats(), engine.take_kv_events(), time.monotonic(), num_requests_received))
+            step = engine.last_step
+        outbox.put(EngineReport(engine.stats(), engine.take_kv_events(), time.monotonic(), num_requests_received, step))
 
 
 class EngineLoop:

@@ -46,6 +46,12 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of token_ids' full blocks
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_charged_prompt_tokens: int = 0  # prompt tokens charged to the tenant; a recompute is not charged again
+    # The request's clock (time.monotonic): when the engine took it, first ran it, sampled its
+    # first and its latest token here. A resumed request's first token is its first on this replica.
+    arrival_time_s: float = 0.0
+    first_scheduled_time_s: float | None = None
+    first_token_time_s: float | None = None
+    last_token_time_s: float | None = None
 
     @property
     def num_tokens(self) -> int:
