@@ -4,6 +4,7 @@
     tensoryard registry | router | worker --model-name NAME
     tensoryard models register NAME FOLDER --task embedding
     tensoryard models list
+    tensoryard status [--once] [--json]   models, replicas, req/s, latency, TTFT, tokens/s, queue, KV
 
 This is the only module that reads the process environment; it builds each component's config
 once (flags > TENSORYARD_* environment > --config file > defaults) and passes it down.
@@ -26,6 +27,15 @@ def _add_telemetry_flags(parser: argparse.ArgumentParser) -> None:
                         help="Prometheus /metrics port (0: any free port, -1: off)")
     parser.add_argument("--log-format", choices=("auto", "json", "console"), dest="log_format")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), dest="log_level")
+    parser.add_argument("--access-log-sample-rate", type=float, dest="access_log_sample_rate",
+                        help="share of successful calls that get an access line (failures always do; 0: none)")
+    parser.add_argument("--log-prompts", action="store_const", const=True, dest="log_prompts",
+                        help="put prompts and outputs in access lines (off by default: personal data)")
+    parser.add_argument("--otlp-endpoint", dest="otlp_endpoint",
+                        help="OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317 (default: "
+                             "$OTEL_EXPORTER_OTLP_ENDPOINT; unset: no traces)")
+    parser.add_argument("--trace-sample-ratio", type=float, dest="trace_sample_ratio",
+                        help="share of new traces sampled when exporting (default 1)")
     parser.add_argument("--config", type=Path, help="TOML file with [registry], [router], [worker] tables")
 
 
@@ -46,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--worker-threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     up.add_argument("--no-llm", action="store_true", help="serve the embedding demo only")
     up.add_argument("--no-embedding", action="store_true", help="serve the LLM demo only")
+    up.add_argument("--prometheus", action="store_true",
+                    help="also run Prometheus (if installed) with deploy/prometheus's config and rules")
+    up.add_argument("--prometheus-port", type=int, default=9090, help="0: any free port (one in use: a free one)")
 
     registry = sub.add_parser("registry", help="run the model registry and embedded discovery")
     registry.add_argument("--host")
@@ -124,6 +137,27 @@ def _parser() -> argparse.ArgumentParser:
     importing.add_argument("--registry", default="127.0.0.1:7070")
     listing = models_sub.add_parser("list", help="list models and versions")
     listing.add_argument("--registry", default="127.0.0.1:7070")
+
+    status = sub.add_parser(
+        "status", help="live view of models, replicas and their figures, from the processes' metrics",
+        description="Rates and p50/p99 are taken over a window between two scrapes of the workers' "
+                    "(found in discovery) and routers' /metrics, so even --once takes --interval seconds.",
+    )
+    status.add_argument("--registry", default="127.0.0.1:7070", help="where discovery lists the workers")
+    status.add_argument("--router-metrics", action="append", default=[], metavar="URL",
+                        help="a router's metrics (URL or host:port; repeatable). Routers are not in "
+                             "discovery; default: the routers `up` lists under --home, else `up`'s "
+                             "router metrics port 8002 on the registry's host")
+    status.add_argument("--home", type=Path, help="the `up` home whose router targets to read "
+                                                  "(default: $TENSORYARD_HOME or ./.tensoryard)")
+    status.add_argument("--interval", type=float, default=2.0, metavar="S",
+                        help="seconds between the two scrapes a figure is computed from, and between "
+                             "refreshes (default 2)")
+    status.add_argument("--timeout", type=float, default=1.0, metavar="S", help="per metrics page (default 1)")
+    status.add_argument("--once", action="store_true",
+                        help="one snapshot, then exit: two scrapes --interval apart, not one")
+    status.add_argument("--json", action="store_true",
+                        help="print the snapshot as JSON (implies --once; shape in services/status/__init__.py)")
     return parser
 
 
@@ -131,8 +165,17 @@ def _flags(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "config")}
 
 
+def with_otel_conventions(env: dict[str, str]) -> dict[str, str]:
+    """OpenTelemetry's OTEL_EXPORTER_OTLP_ENDPOINT as the OTLP endpoint, below TENSORYARD_OTLP_ENDPOINT."""
+    if "OTEL_EXPORTER_OTLP_ENDPOINT" in env:
+        return {"TENSORYARD_OTLP_ENDPOINT": env["OTEL_EXPORTER_OTLP_ENDPOINT"], **env}
+    return env
+
+
 def _run_service(args: argparse.Namespace, env: dict[str, str]) -> int:
-    from services.common.telemetry import configure_logging
+    from services.common.telemetry import configure_telemetry
+
+    env = with_otel_conventions(env)
 
     if args.command == "registry":
         from services.registry.server import serve
@@ -146,7 +189,7 @@ def _run_service(args: argparse.Namespace, env: dict[str, str]) -> int:
         from services.worker.server import serve
 
         config = build_config(WorkerConfig, _flags(args), env, args.config)
-    configure_logging(args.command, config.telemetry)
+    configure_telemetry(args.command, config.telemetry)
     return asyncio.run(serve(config)) or 0
 
 
@@ -187,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             from services.launcher import Launcher, UpOptions, default_home
+            from services.prometheus import find_binary as find_prometheus
 
             options = UpOptions(
                 home=(args.home or default_home(env)).resolve(),
@@ -200,10 +244,22 @@ def main(argv: list[str] | None = None) -> int:
                 worker_threads=args.worker_threads,
                 with_llm=not args.no_llm,
                 with_embedding=not args.no_embedding,
+                prometheus=args.prometheus,
+                prometheus_binary=find_prometheus(env.get("PATH")) if args.prometheus else None,
+                prometheus_port=args.prometheus_port,
             )
             return Launcher(options, env).run()
         if args.command == "models":
             return _run_models(args)
+        if args.command == "status":
+            from services.launcher import default_home
+            from services.status.command import StatusOptions, run
+
+            return run(StatusOptions(
+                registry=args.registry, router_metrics=tuple(args.router_metrics),
+                home=(args.home or default_home(env)).resolve(), interval_s=args.interval,
+                timeout_s=args.timeout, once=args.once, json=args.json,
+            ))
         return _run_service(args, env)
     except ValueError as error:  # config errors name the field
         print(f"tensoryard: {error}", file=sys.stderr)

@@ -6,6 +6,10 @@ would use (health for the registry, ServerLive for the router, ModelReady throug
 the models), prints where everything listens, then keeps the children running (a
 `services.supervisor.Supervisor` restarts one that dies, with backoff) until SIGINT/SIGTERM, and
 stops them: workers first (they drain), then router, then registry.
+
+Every child gets its metrics port from the launcher, which lists them as Prometheus targets under
+`<home>/prometheus/` (services/prometheus.py); with `--prometheus`, a Prometheus scraping them is
+one more supervised child, stopped last.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from services import prometheus
+from services.common.telemetry import free_port
 from services.registry.client import register_folder
 from services.supervisor import EventKind, ProcessEvent, ProcessSpec, RestartPolicy, Supervisor
 
@@ -89,6 +95,11 @@ class UpOptions:
     with_llm: bool = True
     with_embedding: bool = True
     ready_timeout_s: float = 300.0
+    # `up --prometheus`: start the binary found (None: none is installed) with the shipped config
+    # on this port (0: any free one; one in use is replaced by a free one).
+    prometheus: bool = False
+    prometheus_binary: str | None = None
+    prometheus_port: int = 9090
 
     def __post_init__(self) -> None:
         if not (self.with_llm or self.with_embedding):
@@ -97,6 +108,8 @@ class UpOptions:
             raise ValueError(f"workers_per_model must be >= 1, not {self.workers_per_model}")
         if self.routers < 1:
             raise ValueError(f"routers must be >= 1, not {self.routers}")
+        if not 0 <= self.prometheus_port <= 65535:
+            raise ValueError(f"prometheus_port must be 0..65535, not {self.prometheus_port}")
 
 
 # Launcher children that exit with these are given up after a few tries in a row (see
@@ -106,7 +119,9 @@ class UpOptions:
 GIVE_UP_EXIT_CODES = frozenset({2, 3, 4})
 # Stop order (services.supervisor stops lower ranks first): workers drain and deregister while
 # the router still forwards what they are finishing, and the registry goes last.
-STOP_RANKS = {"worker": 0, "router": 1, "registry": 2}
+STOP_RANKS = {"worker": 0, "router": 1, "registry": 2, "prometheus": 3}
+# Without one of these nothing can be served, so `up` ends when one is given up.
+ESSENTIAL_ROLES = frozenset({"registry", "router"})
 
 
 class Launcher:
@@ -126,22 +141,33 @@ class Launcher:
         self.out = out
         self.logs = options.home / "logs"
         self.supervisor: Supervisor | None = None
+        self.targets: prometheus.ScrapeTargets | None = None
         # Children that ended for good (EXITED with no restart), appended on the monitor thread.
         self._ended: list[ProcessEvent] = []
 
     def say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
 
-    def spawn(self, name: str, role: str, *flags: str) -> None:
-        """Start `tensoryard <role> <flags>` under the supervisor, logging to <name>.log."""
+    def spawn(self, name: str, role: str, *flags: str, metrics_port: int, labels: dict | None = None) -> None:
+        """Start `tensoryard <role> <flags> --metrics-port <metrics_port>` under the supervisor,
+        logging to <name>.log, and list it as a scrape target (-1: metrics off, not a target)."""
+        if metrics_port >= 0:
+            self.targets.add(prometheus.ScrapeTarget(
+                name, role, f"{self.options.host}:{metrics_port}", labels or {},
+            ))
         self.supervisor.add(ProcessSpec(
             name=name,
             role=role,
-            argv=(sys.executable, "-m", "services.cli", role, *flags),
+            argv=(sys.executable, "-m", "services.cli", role, *flags, "--metrics-port", str(metrics_port)),
             log_path=self.logs / f"{name}.log",
             stop_rank=STOP_RANKS[role],
             env={**self.env, "TENSORYARD_LOG_FORMAT": "json"},
         ))
+
+    def metrics_port(self, requested: int = 0) -> int:
+        """The port to give a child: as requested, a free one for 0 (up must know it to list the
+        target), -1 for off."""
+        return free_port(self.options.host) if requested == 0 else requested
 
     def on_event(self, event: ProcessEvent) -> None:
         if event.kind is EventKind.EXITED and event.restart_in_s is not None:
@@ -164,13 +190,16 @@ class Launcher:
             signal.signal(sig, lambda *_: stop_requested.append(True))
         self.supervisor = Supervisor(RestartPolicy(give_up_exit_codes=GIVE_UP_EXIT_CODES), self.on_event,
                                      restarting=False)
+        self.targets = prometheus.ScrapeTargets(o.home / "prometheus" / "targets")
+        prometheus_config = prometheus.prepare_config(o.home / "prometheus")
         try:
+            registry_metrics_port = self.metrics_port(o.registry_metrics_port)
             self.spawn(
                 "registry", "registry", "--host", o.host, "--port", str(o.registry_port),
-                "--data-dir", str(o.home / "registry"), "--metrics-port", str(o.registry_metrics_port),
+                "--data-dir", str(o.home / "registry"), metrics_port=registry_metrics_port,
             )
             self._wait_health("registry", registry_address, stop_requested)
-            self.say(f"  registry  {registry_address}  (metrics :{o.registry_metrics_port})")
+            self.say(f"  registry  {registry_address}  (metrics :{registry_metrics_port})")
             models = demo_models(o.home, o.with_llm, o.with_embedding)
             with grpc.insecure_channel(registry_address) as channel:
                 for model in models:
@@ -179,12 +208,13 @@ class Launcher:
                     )
                     verb = "registered" if created else "already registered"
                     self.say(f"  model     {model.name} version {version.version} ({verb})")
+            router_metrics_ports = [self.metrics_port(o.router_metrics_port if i == 0 else 0) for i in range(o.routers)]
             for index in range(o.routers):
                 self.spawn(
                     "router" if index == 0 else f"router-{index}", "router", "--host", o.host,
                     "--port", str(o.router_port), "--registry", registry_address,
-                    "--metrics-port", str(o.router_metrics_port if index == 0 else 0),
                     "--models", ",".join(model.name for model in models),
+                    metrics_port=router_metrics_ports[index],
                 )
             # ServerLive, not health: the router reports SERVING only once every model has a ready
             # replica, and there is none before the workers below start.
@@ -196,15 +226,21 @@ class Launcher:
                         "--registry", registry_address, "--host", o.host,
                         "--cache-dir", str(o.home / "worker-cache"),
                         "--num-threads", str(worker_threads(o)),
+                        metrics_port=self.metrics_port(), labels={"model": model.name},
                     )
             for model in models:
                 self._wait_model_ready(router_address, model.name, stop_requested)
             self.supervisor.set_restarting(True)
             self._raise_if_ended()  # one that ended in the moment before restarts were on
-            self.say(f"  router    {router_address}  (inference.GRPCInferenceService; metrics :{o.router_metrics_port})")
+            self.say(f"  router    {router_address}  "
+                     f"(inference.GRPCInferenceService; metrics :{router_metrics_ports[0]})")
+            self.say(f"  metrics   scrape targets in {self.targets.directory}"
+                     + (f" (prometheus --config.file={prometheus_config})" if prometheus_config else ""))
+            if o.prometheus:
+                self._start_prometheus(prometheus_config)
             self.say(f"tensoryard is ready: {len(models)} model(s) served at {router_address}. Ctrl-C stops it.")
             while not stop_requested:
-                essential = [e for e in self._ended if e.role != "worker"]
+                essential = [e for e in self._ended if e.role in ESSENTIAL_ROLES]
                 if essential:  # its give-up line is printed already
                     self.say(f"tensoryard: nothing can be served without the {essential[0].role}; stopping")
                     return 1
@@ -264,8 +300,34 @@ class Launcher:
             return
         had_children = bool(self.supervisor.names())
         self.supervisor.stop_all(STOP_TIMEOUT_S)
+        if self.targets is not None:
+            self.targets.clear()
         if had_children:
             self.say("tensoryard: stopped")
+
+    def _start_prometheus(self, config: Path | None) -> None:
+        """One more supervised process; one that cannot be had or does not start is reported, and
+        `up` goes on serving without it."""
+        o = self.options
+        try:
+            launch = prometheus.plan_launch(o.prometheus_binary, config, o.home / "prometheus", o.host,
+                                            o.prometheus_port)
+        except prometheus.CannotStart as reason:
+            self.say(f"  prometheus not started: {reason}; going on without it")
+            return
+        if launch.note:
+            self.say(f"  prometheus {launch.note}")
+        self.supervisor.add(ProcessSpec(
+            name="prometheus",
+            role="prometheus",
+            argv=launch.argv,
+            log_path=self.logs / "prometheus.log",
+            stop_rank=STOP_RANKS["prometheus"],
+        ))
+        if prometheus.wait_ready(launch.url, lambda: self.supervisor.pid("prometheus") is not None):
+            self.say(f"  prometheus {launch.url}  (config {config}; data {launch.data_dir})")
+        else:
+            self.say(f"  prometheus did not become ready at {launch.url}; see {self.logs / 'prometheus.log'}")
 
 
 class _StartFailed(Exception):

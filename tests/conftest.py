@@ -90,6 +90,15 @@ class Stack:
         return [i.address for i in reply.instances]
 
 
+def start_registry(home: Path) -> tuple[str, subprocess.Popen]:
+    """A `tensoryard registry` of its own on a free port (no metrics), once it serves."""
+    address = f"127.0.0.1:{free_port()}"
+    process = cli("registry", "--port", address.split(":")[1], "--data-dir", str(home / "data"),
+                  "--metrics-port", "-1", log_path=home / "registry.log")
+    wait_until(lambda: health_status(address) == health_pb2.HealthCheckResponse.SERVING, 60, "the registry to serve")
+    return address, process
+
+
 def start_up(home: Path, *flags: str, env: dict | None = None, timeout_s: float = 240) -> Stack:
     """`tensoryard up` with these flags on free ports, once it has printed its ready line."""
     ports = [free_port() for _ in range(4)]

@@ -29,12 +29,25 @@ class TelemetryConfig:
     log_level: str = "info"
     # Prometheus endpoint; 0 picks a free port, -1 disables it.
     metrics_port: int = 0
+    # Access log: the share of successful calls that get an `access` line (failures always do);
+    # 0: failures only.
+    access_log_sample_rate: float = 1.0
+    # Prompts and outputs in access lines (off: they may hold personal data).
+    log_prompts: bool = False
+    # OTLP/gRPC collector that receives traces ("http://127.0.0.1:4317"); empty: no spans at all.
+    # cli.py also takes OpenTelemetry's OTEL_EXPORTER_OTLP_ENDPOINT.
+    otlp_endpoint: str = ""
+    # Share of new traces sampled while exporting (a caller's sampled flag is followed).
+    trace_sample_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         if self.log_format not in ("auto", "json", "console"):
             raise ValueError(f"log_format must be auto, json or console, not {self.log_format!r}")
         if self.metrics_port < -1 or self.metrics_port > 65535:
             raise ValueError(f"metrics_port must be -1..65535, not {self.metrics_port}")
+        for name in ("access_log_sample_rate", "trace_sample_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
 
 
 @dataclass(frozen=True, slots=True)

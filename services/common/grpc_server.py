@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -20,7 +21,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import errors
+from services.common import access_log, errors, tracing
 from services.common.telemetry import GRPC_LATENCY, GRPC_REQUESTS, get_logger
 
 log = get_logger(__name__)
@@ -36,17 +37,23 @@ def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to status codes, logs unexpected ones, counts and times every call.
+    """Maps domain errors to status codes, logs unexpected ones, counts and times every call, and
+    gives it its telemetry: a request record (access_log.py), whose access line it writes at the
+    end, and a server span or at least the caller's trace id (tracing.py).
 
     Request bytes that do not parse as the method's message are INVALID_ARGUMENT here too: left to
     grpc, a failing deserializer answers UNKNOWN ("Unexpected DecodeError"). Handlers registered
     with no deserializer (the router's forwarded calls take raw bytes) parse nothing here.
+
+    `role` (router, worker, registry) names the server in its calls' log lines (`service.name`);
+    `instance_id` is the access line's `worker` unless the handler names another (the router does).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, role: str = "", instance_id: str = "") -> None:
         # Wrapped handlers by (method, handler): wrapping anew per call cost the router a fifth of
         # its CPU per forwarded request.
         self._wrapped: dict[tuple[str, int], object] = {}
+        self._identity = _Identity(role, instance_id)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -63,30 +70,62 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if service.startswith("grpc."):  # health and reflection: not worth a metric series each
             return handler
         labels = (service, method)
+        identity = self._identity
         deserializer = _tolerant(handler.request_deserializer, f"{service}.{method}")
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, labels, request_streaming=False),
+                _wrap_unary(handler.unary_unary, labels, request_streaming=False, identity=identity),
                 deserializer,
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, labels, request_streaming=False),
+                _wrap_stream(handler.unary_stream, labels, request_streaming=False, identity=identity),
                 deserializer,
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, labels, request_streaming=True),
+                _wrap_unary(handler.stream_unary, labels, request_streaming=True, identity=identity),
                 deserializer,
                 handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, labels, request_streaming=True),
+            _wrap_stream(handler.stream_stream, labels, request_streaming=True, identity=identity),
             deserializer,
             handler.response_serializer,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Identity:
+    role: str
+    instance_id: str
+
+
+_NO_IDENTITY = _Identity("", "")
+# Bound per request; left over from another call's context, they must not show.
+_REQUEST_KEYS = ("request_id", "model", "version", "trace_id", "span_id")
+
+
+def _open_call(labels, context, identity: _Identity) -> access_log.RequestRecord:
+    """A call's telemetry: its record, its log context (role, request id a router sent, trace ids)
+    and its span. One pass over the metadata."""
+    structlog.contextvars.unbind_contextvars(*_REQUEST_KEYS)
+    record = access_log.open_request(labels[1], identity.instance_id, identity.role)
+    if identity.role:
+        structlog.contextvars.bind_contextvars(service=identity.role)
+    traceparent = tracestate = None
+    for key, value in context.invocation_metadata() or ():
+        if key == tracing.TRACEPARENT:
+            traceparent = value
+        elif key == REQUEST_ID_HEADER:
+            record.request_id = value
+            structlog.contextvars.bind_contextvars(request_id=value)
+        elif key == tracing.TRACESTATE:
+            tracestate = value
+    tracing.start_server_span(record, labels, traceparent, tracestate)
+    return record
 
 
 class _Undecodable:
@@ -186,10 +225,10 @@ class _RequestStream:
             raise self.failure
 
 
-def _wrap_unary(behavior, labels, request_streaming: bool):
+def _wrap_unary(behavior, labels, request_streaming: bool, identity: _Identity = _NO_IDENTITY):
     async def call(request, context):
-        structlog.contextvars.unbind_contextvars("request_id", "model", "version")
         started = time.perf_counter()
+        record = _open_call(labels, context, identity)
         code = grpc.StatusCode.OK
         requests = None
         try:
@@ -205,15 +244,15 @@ def _wrap_unary(behavior, labels, request_streaming: bool):
             _set_retry_pushback(context, error)
             await context.abort(code, message)
         finally:
-            _observe(labels, code, context, started)
+            _observe(labels, code, context, started, record)
 
     return call
 
 
-def _wrap_stream(behavior, labels, request_streaming: bool):
+def _wrap_stream(behavior, labels, request_streaming: bool, identity: _Identity = _NO_IDENTITY):
     async def call(request, context):
-        structlog.contextvars.unbind_contextvars("request_id", "model", "version")
         started = time.perf_counter()
+        record = _open_call(labels, context, identity)
         code = grpc.StatusCode.OK
         requests = None
         try:
@@ -237,7 +276,7 @@ def _wrap_stream(behavior, labels, request_streaming: bool):
             _set_retry_pushback(context, error)
             await context.abort(code, message)
         finally:
-            _observe(labels, code, context, started)
+            _observe(labels, code, context, started, record)
 
     return call
 
@@ -275,7 +314,7 @@ _REQUEST_COUNTERS: dict = {}
 _LATENCY_HISTOGRAMS: dict = {}
 
 
-def _observe(labels, code, context, started: float) -> None:
+def _observe(labels, code, context, started: float, record: access_log.RequestRecord | None = None) -> None:
     if code is grpc.StatusCode.OK:
         # A handler that called context.abort itself, or a cancelled call, shows up here.
         code = context.code() or grpc.StatusCode.OK
@@ -290,13 +329,11 @@ def _observe(labels, code, context, started: float) -> None:
     if histogram is None:
         histogram = _LATENCY_HISTOGRAMS[labels] = GRPC_LATENCY.labels(*labels)
     histogram.observe(duration_s)
-    # One line per request; request_id / model / version come from the handler's bound context.
-    # Successes log at debug (a busy server answers thousands a second), failures at info.
-    if code is grpc.StatusCode.OK:
-        log.debug("request_done", method=labels[1], code=code.name, duration_ms=round(duration_s * 1000, 3))
-    else:
-        log.info("request_done", method=labels[1], code=code.name, duration_ms=round(duration_s * 1000, 3),
-                 details=context.details())
+    if record is None:
+        return
+    details = None if code is grpc.StatusCode.OK else context.details()
+    access_log.write_access_line(record, code.name, int(duration_s * 1e9), details)
+    tracing.end_server_span(record, code, details)
 
 
 class GrpcHost:
@@ -306,9 +343,10 @@ class GrpcHost:
     NOT_SERVING for every service; the owner flips it with `set_serving()` once ready.
     """
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra_options=()):
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra_options=(), role: str = "",
+                 instance_id: str = ""):
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[ErrorInterceptor(role, instance_id)],
             options=[*message_size_options(max_message_bytes), *extra_options],
         )
         self.health = health.aio.HealthServicer()
@@ -385,8 +423,11 @@ def metadata_value(context: grpc.aio.ServicerContext | None, key: str) -> str:
 
 
 def bind_request(request_id: str, model: str = "", version: str = "", **extra: Any) -> None:
-    """Bind the request's identity to every log line this task writes."""
+    """Bind the request's identity to every log line this task writes, and to its access line."""
     structlog.contextvars.bind_contextvars(request_id=request_id, model=model, version=version, **extra)
+    record = access_log.current_request()
+    if record is not None:
+        record.request_id, record.model, record.version = request_id, model, version
 
 
 def aio_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, options: Iterable = ()):

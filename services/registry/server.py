@@ -32,11 +32,13 @@ async def _expire_leases(catalog: DiscoveryCatalog) -> None:
             log.warning("lease_expired", instance_id=instance_id)
 
 
-async def serve(config: RegistryConfig) -> None:
+async def serve(config: RegistryConfig, stop: asyncio.Event | None = None) -> None:
+    """Run the registry until SIGINT/SIGTERM (or until `stop` is set, for callers that run it in
+    their own event loop)."""
     metrics_port = start_metrics_server(config.telemetry, config.host)
     store, blobs = open_store(config)
     catalog = DiscoveryCatalog()
-    host = GrpcHost()
+    host = GrpcHost(role="registry")
     host.add_servicer(
         registry_pb2_grpc.add_ModelRegistryServicer_to_server,
         ModelRegistryServicer(store, blobs),
@@ -53,8 +55,9 @@ async def serve(config: RegistryConfig) -> None:
     sweeper = asyncio.create_task(_expire_leases(catalog))
     log.info("registry_ready", address=f"{config.host}:{port}", metrics_port=metrics_port,
              data_dir=str(config.data_dir))
-    stop = asyncio.Event()
-    install_signal_handlers(stop)
+    if stop is None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
     await stop.wait()
     log.info("registry_stopping")
     sweeper.cancel()

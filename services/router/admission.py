@@ -29,6 +29,10 @@ class InFlightLimiter:
     def in_flight(self, model_name: str) -> int:
         return self._by_model[model_name]
 
+    def in_flight_by_model(self) -> dict[str, int]:
+        """Requests in flight per model; safe from another thread (one C-level copy)."""
+        return dict(self._by_model)
+
     @contextlib.contextmanager
     def hold(self, model_name: str, tenant: str):
         self.acquire(model_name, tenant)

@@ -254,6 +254,10 @@ class BackendPool:
             and (not model_version or b.model_version == model_version)
         ]
 
+    def all_backends(self) -> list[Backend]:
+        """Every backend; safe from another thread (the metrics collector): one C-level copy."""
+        return list(self._backends.values())
+
     def routable(self, model_name: str = "", model_version: str = "") -> list[Backend]:
         now = time.monotonic()
         return [b for b in self.backends(model_name, model_version) if b.load.routable(now, self.config.stale_after_s)]

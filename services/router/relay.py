@@ -22,11 +22,13 @@ again.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 from protos.tensoryard.v1 import generation_pb2
+from services.common.access_log import current_request
 from services.common.errors import Unavailable
 from services.common.telemetry import get_logger
 from services.router import metrics
@@ -82,37 +84,52 @@ class Relay:
         self.max_migrations = max_migrations
 
     async def unary(self, method: str, route: RouteRequest, request: bytes, context, metadata,
-                    first: Backend, prompt_token_ids=None) -> bytes:
-        """One call, retried once elsewhere when the replica had no room or could not run it."""
+                    first: Backend, prompt_token_ids=None, forwarded: metrics.Forwarded | None = None) -> bytes:
+        """One call, retried once elsewhere when the replica had no room or could not run it.
+        `forwarded` (the request's metrics) learns each attempt's replica and upstream time."""
         self.budget.on_request()
+        record = current_request()  # its access line names the replica that answered
         backend = first
         tried: set[str] = set()
         while True:
             tried.add(backend.instance_id)
+            if record is not None:
+                record.worker = backend.instance_id
             backend.load.num_outstanding += 1
+            called_s = time.perf_counter()
             try:
                 return await backend.unary(method)(request, timeout=context.time_remaining(), metadata=metadata)
             except grpc.aio.AioRpcError as error:
                 failure = RelayError.from_rpc(error)
             finally:
                 backend.load.num_outstanding -= 1
+                if forwarded is not None:
+                    forwarded.answered(backend, time.perf_counter() - called_s)
             backend = self._retry_target(route, failure, tried, prompt_token_ids)
             if backend is None:
                 raise failure
 
     async def stream(self, kind, route: RouteRequest, request: bytes, context, metadata,
-                     first: Backend, prompt_token_ids=None) -> AsyncIterator[bytes]:
-        """The stream's responses; on a lost replica, the rest of them from another."""
+                     first: Backend, prompt_token_ids=None,
+                     forwarded: metrics.Forwarded | None = None) -> AsyncIterator[bytes]:
+        """The stream's responses; on a lost replica, the rest of them from another. An attempt's
+        upstream time (for `forwarded`) runs from opening the call to its end."""
         self.budget.on_request()
+        record = current_request()  # its access line names the replica and the token counts
+        if record is not None and prompt_token_ids:
+            record.num_prompt_tokens = len(prompt_token_ids)
         backend = first
         tried: set[str] = set()
         sent: list[int] = []
         num_migrations = 0
         while True:
             tried.add(backend.instance_id)
+            if record is not None:
+                record.worker = backend.instance_id
             handle = Interruptible()
             backend.streams.add(handle)
             backend.load.num_outstanding += 1
+            called_s = time.perf_counter()
             call = handle.call = kind.open(backend, kind.resumed(request, sent) if sent else request,
                                            context.time_remaining(), metadata)
             completed = False
@@ -120,6 +137,8 @@ class Relay:
                 async for response in call:
                     out, token_ids, final = kind.read(response)
                     sent.extend(token_ids)
+                    if record is not None and token_ids:
+                        record.num_output_tokens = len(sent)
                     yield out
                     if final:
                         break
@@ -135,6 +154,8 @@ class Relay:
             finally:
                 backend.streams.discard(handle)
                 backend.load.num_outstanding -= 1
+                if forwarded is not None:
+                    forwarded.answered(backend, time.perf_counter() - called_s)
                 if not completed:  # the caller went away, or the replica did: stop the call
                     call.cancel()
             if not sent:

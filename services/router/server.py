@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
+import prometheus_client
+
 # Imported for their descriptors: reflection describes every service the router serves.
 from protos.inference import grpc_service_pb2  # noqa: F401
 from protos.tensoryard.v1 import embeddings_pb2, generation_pb2  # noqa: F401
@@ -18,6 +20,7 @@ from services.common.discovery import DiscoveryClient
 from services.common.gc_tuning import freeze_startup_objects
 from services.common.grpc_server import GrpcHost, aio_channel, install_signal_handlers
 from services.common.telemetry import get_logger, start_metrics_server
+from services.router import metrics
 from services.router.admission import InFlightLimiter
 from services.router.catalog import ModelCatalog
 from services.router.kv_index import KvIndex
@@ -45,24 +48,32 @@ def pool_config(config: RouterConfig) -> PoolConfig:
     )
 
 
-async def serve(config: RouterConfig) -> None:
+async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None:
+    """Run the router until SIGINT/SIGTERM (or until `stop` is set, for callers that run it in
+    their own event loop)."""
     metrics_port = start_metrics_server(config.telemetry, config.host)
     registry = aio_channel(config.registry_address)
     catalog = ModelCatalog(registry)
     prompts = PromptTokenizers(registry)
-    host = GrpcHost(config.max_message_bytes)
+    host = GrpcHost(config.max_message_bytes, role="router")
     readiness = _Readiness(host)
     pool = BackendPool(
         DiscoveryClient(registry), config.max_message_bytes, pool_config(config), KvIndex(),
         model_task=catalog.task, on_change=readiness.changed,
     )
+    limiter = InFlightLimiter(config.max_in_flight_per_model)
+    # --metrics-port -1 turns Prometheus observation off (for measuring what it costs).
+    forwarded = metrics.ForwardedRequests(enabled=metrics_port is not None)
     servicer = RoutingServicer(
         pool, catalog,
         Relay(pool, RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s), config.max_migrations),
-        InFlightLimiter(config.max_in_flight_per_model), prompts,
+        limiter, prompts,
         tenant_key=config.tenant_metadata_key, session_key=config.session_metadata_key,
-        served_models=config.served_models,
+        served_models=config.served_models, forwarded=forwarded,
     )
+    collector = metrics.RouterCollector(pool, limiter, forwarded) if forwarded.enabled else None
+    if collector is not None:
+        prometheus_client.REGISTRY.register(collector)
     readiness.servicer = servicer
     host.add_generic_handler(inference_handler(servicer), SERVICE)
     for handler, name in native_handlers(servicer):
@@ -75,8 +86,9 @@ async def serve(config: RouterConfig) -> None:
     pool.start()
     log.info("router_listening", address=f"{config.host}:{port}", metrics_port=metrics_port,
              models=list(config.served_models))
-    stop = asyncio.Event()
-    install_signal_handlers(stop)
+    if stop is None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
     synced = asyncio.create_task(pool.synced.wait())
     await asyncio.wait([synced, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     if pool.synced.is_set():
@@ -91,6 +103,8 @@ async def serve(config: RouterConfig) -> None:
     await host.stop(grace_s=config.drain_timeout_s)
     await pool.close()
     await registry.close()
+    if collector is not None:  # a caller may run another router in this process
+        prometheus_client.REGISTRY.unregister(collector)
     log.info("router_stopped")
 
 

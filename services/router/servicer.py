@@ -19,6 +19,7 @@ from collections.abc import Callable
 import grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.tensoryard.v1 import generation_pb2
+from services.common import tracing
 from services.common.errors import InvalidArgument, NotFound, Overloaded, TensoryardError, status_for
 from services.common.grpc_server import REQUEST_ID_HEADER, bind_request, parse_request
 from services.common.infer_checks import check_infer_request
@@ -43,18 +44,23 @@ PROMPT_TOKEN_IDS_PARAMETER = "tensoryard_prompt_token_ids"
 
 # Metadata a client sets for the server (not for the hop to the worker).
 _HOP_BY_HOP = {"user-agent", "content-type", "te", "host", "content-length", "accept-encoding"}
+# ... and, while the router traces, the caller's trace context: the worker gets the router's span.
+_HOP_BY_HOP_TRACED = _HOP_BY_HOP | {tracing.TRACEPARENT, tracing.TRACESTATE}
 _NATIVE_GENERATE = NativeGenerate()
 _TRITON_GENERATE = TritonGenerate()
 
 
 def _forwardable(metadata, request_id: str) -> tuple[tuple[str, str | bytes], ...]:
-    """The caller's metadata for the worker, plus the request id the logs on both sides share."""
+    """The caller's metadata for the worker, plus the request id the logs on both sides share and,
+    while the router traces, its span's trace context."""
+    trace = tracing.outgoing_metadata()
+    dropped = _HOP_BY_HOP_TRACED if trace else _HOP_BY_HOP
     forwarded = tuple(
         (key, value)
         for key, value in (metadata or ())
-        if not key.startswith((":", "grpc-")) and key not in _HOP_BY_HOP and key != REQUEST_ID_HEADER
+        if not key.startswith((":", "grpc-")) and key not in dropped and key != REQUEST_ID_HEADER
     )
-    return (*forwarded, (REQUEST_ID_HEADER, request_id))
+    return (*forwarded, (REQUEST_ID_HEADER, request_id), *trace)
 
 
 class _RequestIds:
@@ -75,8 +81,10 @@ _REQUEST_IDS = _RequestIds()
 class RoutingServicer:
     def __init__(self, pool: BackendPool, catalog: ModelCatalog, relay: Relay, limiter: InFlightLimiter,
                  prompts: PromptTokenizers, tenant_key: str = "x-tenant-id", session_key: str = "x-session-id",
-                 served_models: tuple[str, ...] = ()):
+                 served_models: tuple[str, ...] = (), forwarded: metrics.ForwardedRequests | None = None):
         self._pool = pool
+        # Counts what this router forwarded (requests by replica and code, its own latency, Triton's).
+        self._forwarded = forwarded if forwarded is not None else metrics.ForwardedRequests(enabled=False)
         self._catalog = catalog
         self._relay = relay
         self._limiter = limiter
@@ -143,23 +151,30 @@ class RoutingServicer:
     # -- forwarded calls -------------------------------------------------------------------------
 
     def forward_unary(self, method: str, message_class) -> Callable:
+        counted = method.endswith(("/ModelInfer", "/Embed"))  # inferences: metadata and config calls are not
+
         async def handle(request_bytes: bytes, context: grpc.aio.ServicerContext) -> bytes:
             request = parse_request(message_class, request_bytes)
             prompt_token_ids = None
             if message_class is pb.ModelInferRequest:
                 check_infer_request(request, len(request_bytes))
             route, metadata = self._route(*_identity(request), context)
-            if message_class is pb.ModelInferRequest and self._is_llm(route.model_name):
+            is_llm = message_class is pb.ModelInferRequest and self._is_llm(route.model_name)
+            if is_llm:
                 request_bytes, prompt_token_ids = self._with_triton_prompt_ids(route, request, request_bytes)
-            self._limiter.acquire(route.model_name, route.tenant)
+            forwarded = (self._forwarded.track(route.model_name, route.model_version, 1 if is_llm else _num_items(request))
+                         if counted else metrics.UNCOUNTED)
             try:
-                backend = await self._first(route, prompt_token_ids)
-                return await self._relay.unary(method, route, request_bytes, context, metadata, backend,
-                                               prompt_token_ids)
+                with forwarded:
+                    self._limiter.acquire(route.model_name, route.tenant)
+                    try:
+                        backend = await self._first(route, prompt_token_ids)
+                        return await self._relay.unary(method, route, request_bytes, context, metadata, backend,
+                                                       prompt_token_ids, forwarded)
+                    finally:
+                        self._limiter.release(route.model_name, route.tenant)
             except RelayError as failure:
                 await failure.abort(context)
-            finally:
-                self._limiter.release(route.model_name, route.tenant)
 
         return handle
 
@@ -178,15 +193,17 @@ class RoutingServicer:
                 # Forwarded, so the worker does not tokenize again (a message followed by another
                 # is their merge: the original bytes stay as they are).
                 request_bytes += generation_pb2.GenerateRequest(prompt_token_ids=prompt_token_ids).SerializeToString()
-            with self._limiter.hold(route.model_name, route.tenant):
-                backend = await self._first(route, prompt_token_ids)
-                try:
+            try:
+                with (self._forwarded.track(route.model_name, route.model_version) as forwarded,
+                      self._limiter.hold(route.model_name, route.tenant)):
+                    backend = await self._first(route, prompt_token_ids)
                     async for response in self._relay.stream(
-                        _NATIVE_GENERATE, route, request_bytes, context, metadata, backend, prompt_token_ids
+                        _NATIVE_GENERATE, route, request_bytes, context, metadata, backend, prompt_token_ids,
+                        forwarded,
                     ):
                         yield response
-                except RelayError as failure:
-                    await failure.abort(context)
+            except RelayError as failure:
+                await failure.abort(context)
 
         return handle
 
@@ -209,8 +226,11 @@ class RoutingServicer:
                 try:
                     check_infer_request(request, len(request_bytes))
                     route, metadata = self._route(request.model_name, request.model_version, request.id, context)
-                    with self._limiter.hold(route.model_name, route.tenant):
-                        await self._serve_stream_request(route, request, request_bytes, context, metadata, responses)
+                    num_items = 1 if self._is_llm(route.model_name) else _num_items(request)
+                    with (self._forwarded.track(route.model_name, route.model_version, num_items) as forwarded,
+                          self._limiter.hold(route.model_name, route.tenant)):
+                        await self._serve_stream_request(route, request, request_bytes, context, metadata, responses,
+                                                         forwarded)
                 except (TensoryardError, RelayError) as error:
                     message = error.details if isinstance(error, RelayError) else status_for(error)[1]
                     await responses.put(stream_error(request_id, message))
@@ -243,17 +263,19 @@ class RoutingServicer:
 
         return handle
 
-    async def _serve_stream_request(self, route, request, request_bytes: bytes, context, metadata, responses) -> None:
+    async def _serve_stream_request(self, route, request, request_bytes: bytes, context, metadata, responses,
+                                    forwarded=None) -> None:
         if self._is_llm(route.model_name):
             request_bytes, prompt_token_ids = self._with_triton_prompt_ids(route, request, request_bytes)
             backend = await self._first(route, prompt_token_ids)
             async for response in self._relay.stream(
-                _TRITON_GENERATE, route, request_bytes, context, metadata, backend, prompt_token_ids
+                _TRITON_GENERATE, route, request_bytes, context, metadata, backend, prompt_token_ids, forwarded
             ):
                 await responses.put(response)
             return
         backend = await self._first(route, None)
-        reply = await self._relay.unary(MODEL_INFER, route, request_bytes, context, metadata, backend)
+        reply = await self._relay.unary(MODEL_INFER, route, request_bytes, context, metadata, backend,
+                                        forwarded=forwarded)
         await responses.put(as_stream_response(reply))
 
     def _with_triton_prompt_ids(self, route: RouteRequest, request, request_bytes: bytes):
@@ -327,6 +349,15 @@ class RoutingServicer:
         if request.name and not merged:
             merged = [pb.ModelStatistics(name=request.name, version=request.version)]
         return pb.ModelStatisticsResponse(model_stats=merged)
+
+
+def _num_items(request) -> int:
+    """Inferences in one request, as Triton counts them: a ModelInferRequest's batch (its first
+    input's first dimension), an EmbedRequest's texts."""
+    inputs = getattr(request, "inputs", None)
+    if inputs is None:
+        return len(request.texts) or 1
+    return int(inputs[0].shape[0]) if inputs and inputs[0].shape else 1
 
 
 def _identity(request) -> tuple[str, str, str]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import InvalidArgument, Overloaded, Unavailable
-from services.worker.batch_stats import BatcherStats, StatsRecorder
+from services.worker.statistics import CANCELED, OTHER, REJECTED, ModelStats, StatisticsRecorder
 
 # Runs one batch: one result per payload, in order; an Exception in a slot fails that request only.
 Execute = Callable[[list[Any]], list[Any]]
@@ -83,7 +83,8 @@ class _Request:
 class DynamicBatcher:
     """Batches submitted payloads for `execute`; see the module docstring for the policy."""
 
-    def __init__(self, config: BatcherConfig, execute: Execute, name: str = "") -> None:
+    def __init__(self, config: BatcherConfig, execute: Execute, name: str = "",
+                 statistics: StatisticsRecorder | None = None) -> None:
         self.config = config
         self.name = name
         self._execute = execute
@@ -91,7 +92,7 @@ class DynamicBatcher:
         self._queue: deque[_Request] = deque()
         self._num_in_flight = 0
         self._closed = False
-        self._stats = StatsRecorder()
+        self.statistics = statistics if statistics is not None else StatisticsRecorder()
         self._preferred_sizes = frozenset(config.preferred_batch_sizes or (config.max_batch_size,))
         self._max_queue_delay_ns = config.max_queue_delay_us * 1_000
         self._thread = threading.Thread(
@@ -106,14 +107,19 @@ class DynamicBatcher:
             return len(self._queue)
 
     @property
+    def queued_items(self) -> int:
+        """Items (a request may hold several) waiting for a batch."""
+        with self._cond:
+            return sum(request.num_items for request in self._queue)
+
+    @property
     def num_in_flight(self) -> int:
         """Requests in the batch `execute` is running now."""
         with self._cond:
             return self._num_in_flight
 
-    def stats(self) -> BatcherStats:
-        with self._cond:
-            return self._stats.snapshot()
+    def stats(self) -> ModelStats:
+        return self.statistics.snapshot()
 
     def submit(self, payload: Any, num_items: int) -> Future:
         """Queues one request of `num_items` items; the future holds its result or error."""
@@ -130,9 +136,11 @@ class DynamicBatcher:
         future: Future = Future()
         with self._cond:
             if self._closed:
+                self.statistics.record_failure(0, REJECTED)
                 raise Unavailable(f"batcher {self.name!r} is closed")
             max_queue_size = self.config.max_queue_size
             if max_queue_size and len(self._queue) >= max_queue_size:
+                self.statistics.record_failure(0, REJECTED)
                 raise Overloaded(
                     f"batcher {self.name!r} queue is full: {len(self._queue)} requests waiting, "
                     f"max_queue_size={max_queue_size}"
@@ -177,8 +185,10 @@ class DynamicBatcher:
         with self._cond:
             abandoned = list(self._queue)
             self._queue.clear()
+        now_ns = time.monotonic_ns()
         for request in abandoned:
             if request.future.set_running_or_notify_cancel():
+                self.statistics.record_failure(now_ns - request.enqueued_ns, OTHER)
                 request.future.set_exception(
                     Unavailable(f"batcher {self.name!r} closed before the request ran")
                 )
@@ -189,6 +199,7 @@ class DynamicBatcher:
         # neither counts against max_queue_size nor holds the oldest-request delay.
         if not future.cancelled():
             return
+        self.statistics.record_failure(time.monotonic_ns() - request.enqueued_ns, CANCELED)
         with self._cond:
             try:
                 self._queue.remove(request)
@@ -267,17 +278,17 @@ class DynamicBatcher:
             results = [error] * len(batch)
         end_ns = time.monotonic_ns()
         succeeded = [not isinstance(result, BaseException) for result in results]
+        # Recorded before any future resolves, so a caller holding its result sees it counted.
+        self.statistics.record_batch(
+            [request.enqueued_ns for request in batch],
+            succeeded,
+            sum(request.num_items for request in batch),
+            start_ns,
+            end_ns,
+            input_ns,
+            output_ns,
+        )
         with self._cond:
-            # Recorded before any future resolves, so a caller holding its result sees it counted.
-            self._stats.record_batch(
-                [request.enqueued_ns for request in batch],
-                succeeded,
-                sum(request.num_items for request in batch),
-                start_ns,
-                end_ns,
-                input_ns,
-                output_ns,
-            )
             self._num_in_flight = 0
         for request, result, ok in zip(batch, results, succeeded):
             if ok:

@@ -15,7 +15,7 @@ on the batcher's thread; a batch is padded per length bucket, not to its longest
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from protos.inference import grpc_service_pb2 as pb
 from services.common.errors import InvalidArgument
 from services.worker.batcher import BatchOutput, BatcherConfig, DynamicBatcher
 from services.worker.models.sentence_encoder import SentenceEncoder
+from services.worker.request_telemetry import observe_batch
+from services.worker.statistics import ModelStats, StatisticsRecorder
 from services.worker.tensor_codec import TensorSpec, check_requested_outputs, decode_inputs
 
 PLATFORM = "tensoryard_sentence_encoder"
@@ -35,6 +37,9 @@ class EmbedJob:
     texts: list[str] | None = None
     input_ids: np.ndarray | None = None  # [N, T] int64
     attention_mask: np.ndarray | None = None  # [N, T] int64
+    # (started_s, finished_s) of the batch that ran it, monotonic: set on the batcher's thread, read
+    # by the caller once its result is in (the request's access line and spans).
+    ran_s: list[float] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def num_items(self) -> int:
@@ -57,7 +62,8 @@ class EmbeddingModel:
             "attention_mask": TensorSpec("attention_mask", "INT64", (-1,), optional=True),
         }
         self.outputs = {"embedding": TensorSpec("embedding", "FP32", (encoder.dim,))}
-        self.batcher = DynamicBatcher(batcher_config, self._execute, name=name)
+        self.recorder = StatisticsRecorder()  # ModelStatistics and nv_inference_* read it
+        self.batcher = DynamicBatcher(batcher_config, self._execute, name=name, statistics=self.recorder)
 
     @property
     def max_batch_size(self) -> int:
@@ -71,8 +77,8 @@ class EmbeddingModel:
     def queue_depth(self) -> int:
         return self.batcher.queue_depth
 
-    def statistics(self):
-        return self.batcher.stats()
+    def statistics(self) -> ModelStats:
+        return self.recorder.snapshot()
 
     def load_fields(self) -> dict:
         return {}
@@ -127,7 +133,11 @@ class EmbeddingModel:
 
     async def embed(self, job: EmbedJob) -> np.ndarray:
         """[N, dim] float32, through the batcher."""
-        return await self.batcher.submit_async(job, job.num_items)
+        queued_s = time.monotonic()
+        embeddings = await self.batcher.submit_async(job, job.num_items)
+        if job.ran_s:
+            observe_batch(queued_s, *job.ran_s, job.num_items, job.texts)
+        return embeddings
 
     async def infer(self, request, timeout_s: float | None = None) -> pb.ModelInferResponse:
         embeddings = await self.embed(self.job_from_infer_request(request))
@@ -166,6 +176,9 @@ class EmbeddingModel:
         for job_rows in per_job_rows:
             results.append(embeddings[start : start + len(job_rows)])
             start += len(job_rows)
+        ran_s = [started_ns / 1e9, time.monotonic_ns() / 1e9]
+        for job in jobs:
+            job.ran_s[:] = ran_s
         return BatchOutput(
             results,
             compute_input_ns=tokenized_ns - started_ns,

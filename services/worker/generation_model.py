@@ -19,6 +19,7 @@ On a router's one-request stream (metadata `x-tensoryard-router-stream: 1`), eve
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,13 +27,15 @@ from dataclasses import dataclass
 
 from protos.inference import grpc_service_pb2 as pb
 from services.common.chat_template import ChatTemplate
-from services.common.errors import DeadlineExceeded, TensoryardError, Unavailable, status_for
+from services.common.errors import DeadlineExceeded, Overloaded, TensoryardError, Unavailable, status_for
 from services.worker.admission import AdmissionConfig, AdmissionController, WorkItem
-from services.worker.batch_stats import BatcherStats, DurationStat
 from services.worker.engine.engine import RequestOutput
 from services.worker.engine.loop import EngineLoop, EngineReport
 from services.worker.generation_jobs import GenerationJob, GenerationJobs
+from services.worker.llm_metrics import LLMMetrics
 from services.worker.load_reports import LoadPublisher
+from services.worker.request_telemetry import GenerationTelemetry
+from services.worker.statistics import BACKEND, CANCELED, OTHER, REJECTED, ModelStats, StatisticsRecorder
 from services.worker.tensor_codec import encode_bytes_tensor
 
 PLATFORM = "tensoryard_llm"
@@ -42,11 +45,16 @@ TOKEN_IDS_PARAMETER = "tensoryard_token_ids"
 class AsyncStream:
     """Engine outputs arrive on the dispatcher thread; this hands them to an asyncio consumer."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_finished=None):
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
+        # Called on the dispatcher thread with the final RequestOutput (the one with timings), even
+        # when nobody reads the stream any more (a request aborted because its caller went away).
+        self._on_finished = on_finished
 
     def put(self, item) -> None:
+        if self._on_finished is not None and getattr(item, "timings", None) is not None:
+            self._on_finished(item)
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     def put_now(self, item) -> None:
@@ -71,24 +79,13 @@ class _CutOff:
     reason: str
 
 
-@dataclass(slots=True)
-class GenerationCounters:
-    """Per-model request statistics, in the shape of Triton's ModelStatistics."""
-
-    num_ok: int = 0
-    ok_ns: int = 0
-    num_failed: int = 0
-    failed_ns: int = 0
-    queue_ns: int = 0  # submit -> first output, over successful requests
-    num_output_tokens: int = 0
-    last_inference_ms: int = 0
-
-
 class GenerationModel:
     platform = PLATFORM
     decoupled = True
     max_batch_size = 0
     reports_load = True  # the engine's reports wake the load stream
+    weight_bytes = 0  # set by loading.py: the loaded weights
+    kv_cache_bytes = 0  # set by loading.py: the KV cache pool
 
     def __init__(
         self,
@@ -111,7 +108,10 @@ class GenerationModel:
         self.device = device
         self.jobs = GenerationJobs(name, tokenizer, chat_template, sampling_defaults, max_model_len)
         self.inputs, self.outputs = self.jobs.inputs, self.jobs.outputs
-        self.counters = GenerationCounters()
+        self.recorder = StatisticsRecorder()  # ModelStatistics and nv_inference_* read it
+        # The tensoryard:* families; set by the worker after warm-up (warm-up is not traffic), and
+        # left None when Prometheus observation is off.
+        self.metrics: LLMMetrics | None = None
         self.admission = AdmissionController(admission or AdmissionConfig())
         self.publisher = publisher or LoadPublisher()
         self.publisher.block_size = block_size
@@ -127,6 +127,9 @@ class GenerationModel:
     def _on_report(self, report: EngineReport) -> None:
         """On the engine's dispatcher thread, after each step and each idle heartbeat."""
         self.publisher.publish(report.kv_events.stored, report.kv_events.removed)
+        metrics = self.metrics
+        if metrics is not None and report.step is not None:
+            metrics.observe_step(report.step)
         if self._event_loop is not None:
             try:
                 self._event_loop.call_soon_threadsafe(self.admission.update, report.stats, report.num_requests_received)
@@ -142,33 +145,43 @@ class GenerationModel:
         deadline_s = time.monotonic() + timeout_s if timeout_s else None
         work = WorkItem(job.tenant, len(job.prompt_token_ids) + len(job.resume_token_ids),
                         job.params.max_tokens - len(job.resume_token_ids), job.params.ignore_eos)
-        self.admission.admit(work, timeout_s, resumed=bool(job.resume_token_ids))
-        stream = AsyncStream(asyncio.get_running_loop())
+        try:
+            self.admission.admit(work, timeout_s, resumed=bool(job.resume_token_ids))
+        except TensoryardError:
+            self.recorder.record_failure(time.monotonic_ns() - started_ns, REJECTED)
+            raise
+        metrics = self.metrics
+        on_finished = None if metrics is None else functools.partial(metrics.observe_finished, job.params.max_tokens)
+        stream = AsyncStream(asyncio.get_running_loop(), on_finished)
         self.loop.submit(engine_request_id, job.prompt_token_ids, job.params, job.priority, deadline_s, stream=stream,
                          tenant=job.tenant, output_token_ids=job.resume_token_ids)
         self.admission.admitted(work, self.loop.num_submitted)
         self._active.add(stream)
         finished = False
-        first_output_ns = None
+        failure_reason = CANCELED  # unless said otherwise below: the caller went away
+        telemetry = GenerationTelemetry()  # the call's access line and spans
         try:
             while True:
                 item = await stream.get()
                 if isinstance(item, _CutOff):  # the engine still runs it: the finally aborts it
+                    failure_reason = OTHER
                     raise Unavailable(item.reason)
                 if isinstance(item, TensoryardError):  # from the engine, which has dropped it
                     finished = True
+                    failure_reason = REJECTED if isinstance(item, Overloaded) else BACKEND
                     raise item
-                first_output_ns = first_output_ns or time.monotonic_ns()
+                telemetry.on_output(item, job.prompt_token_ids, self.jobs.tokenizer)
                 if item.finished:
                     finished = True
                     if item.finish_reason == "deadline":
+                        failure_reason = OTHER
                         raise DeadlineExceeded("the request's deadline passed during generation")
                 yield item
                 if finished:
-                    self._count_ok(started_ns, first_output_ns, item.usage.num_completion_tokens)
+                    self._record_success(started_ns, item)
                     return
         except BaseException:
-            self._count_failed(started_ns)
+            self.recorder.record_failure(time.monotonic_ns() - started_ns, failure_reason)
             raise
         finally:
             self._active.discard(stream)
@@ -296,31 +309,16 @@ class GenerationModel:
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
-    def _count_ok(self, started_ns: int, first_output_ns: int | None, num_tokens: int) -> None:
-        now_ns = time.monotonic_ns()
-        c = self.counters
-        c.num_ok += 1
-        c.ok_ns += now_ns - started_ns
-        c.queue_ns += (first_output_ns or now_ns) - started_ns
-        c.num_output_tokens += num_tokens
-        c.last_inference_ms = int(time.time() * 1000)
+    def _record_success(self, started_ns: int, final: RequestOutput) -> None:
+        """Queue: from the call to the engine's first step with it (the same monotonic clock);
+        compute: the rest."""
+        duration_ns = time.monotonic_ns() - started_ns
+        scheduled_s = final.timings.first_scheduled_s if final.timings is not None else None
+        queue_ns = duration_ns if scheduled_s is None else min(max(int(scheduled_s * 1e9) - started_ns, 0), duration_ns)
+        self.recorder.record_request(duration_ns, queue_ns)
 
-    def _count_failed(self, started_ns: int) -> None:
-        self.counters.num_failed += 1
-        self.counters.failed_ns += time.monotonic_ns() - started_ns
-
-    def statistics(self) -> BatcherStats:
-        c = self.counters
-        return BatcherStats(
-            success=DurationStat(c.num_ok, c.ok_ns),
-            fail=DurationStat(c.num_failed, c.failed_ns),
-            queue=DurationStat(c.num_ok, c.queue_ns),
-            compute_infer=DurationStat(c.num_ok, c.ok_ns - c.queue_ns),
-            inference_count=c.num_ok,
-            execution_count=c.num_ok,
-            last_inference_ms=c.last_inference_ms,
-            batch_stats=(),
-        )
+    def statistics(self) -> ModelStats:
+        return self.recorder.snapshot()
 
     @property
     def queue_depth(self) -> int:

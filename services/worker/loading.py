@@ -92,9 +92,11 @@ def load_model(fetched: FetchedVersion, config: WorkerConfig, publisher: LoadPub
         torch.set_num_threads(config.num_threads)
     if fetched.task == "embedding":
         encoder = SentenceEncoder.from_folder(fetched.folder, device=config.device)
-        return EmbeddingModel(
+        model = EmbeddingModel(
             fetched.model_name, str(fetched.version), encoder, batcher_config_for(fetched.config, config)
         )
+        model.weight_bytes = weight_bytes(encoder.model)
+        return model
     if fetched.task == "generation":
         return _load_generation_model(fetched, config, publisher)
     raise FailedPrecondition(
@@ -113,7 +115,7 @@ def _load_generation_model(fetched: FetchedVersion, config: WorkerConfig, publis
 
     loop = EngineLoop(build)
     loop.start()
-    return GenerationModel(
+    model = GenerationModel(
         fetched.model_name,
         str(fetched.version),
         loop,
@@ -126,6 +128,23 @@ def _load_generation_model(fetched: FetchedVersion, config: WorkerConfig, publis
         publisher=publisher,
         block_size=engine_config.cache.block_size,
     )
+    # Read here, before any request: the engine thread owns the engine from now on, and these never change.
+    model.weight_bytes = weight_bytes(engines[0].runner.model)
+    model.kv_cache_bytes = sum(t.numel() * t.element_size() for pair in engines[0].runner.kv_caches for t in pair)
+    return model
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a model's weights: its parameters and the tensors its layers hold as plain attributes
+    (the CPU path's reordered linear weights), each tensor once (a tied head is one tensor)."""
+    seen: set[int] = set()
+    total = 0
+    for layer in module.modules():
+        for value in (*layer._parameters.values(), *vars(layer).values()):
+            if isinstance(value, torch.Tensor) and id(value) not in seen:
+                seen.add(id(value))
+                total += value.numel() * value.element_size()
+    return total
 
 
 def warm_up(model, num_batches: int) -> None:

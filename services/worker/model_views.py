@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import model_config_pb2 as mc
-from services.worker.batch_stats import BatcherStats
+from services.worker.statistics import ModelStats
 
 _CONFIG_DATATYPES = {
     "BOOL": mc.TYPE_BOOL,
@@ -82,7 +82,7 @@ def _instance_kind(model):
     )
 
 
-def model_statistics(model, stats: BatcherStats) -> pb.ModelStatistics:
+def model_statistics(model, stats: ModelStats) -> pb.ModelStatistics:
     def duration(d):
         return pb.StatisticDuration(count=d.count, ns=d.ns)
 

@@ -24,6 +24,7 @@ import os
 import time
 import uuid
 
+import prometheus_client
 from protos.inference import grpc_service_pb2_grpc
 from protos.tensoryard.v1 import discovery_pb2, embeddings_pb2_grpc, generation_pb2_grpc, worker_pb2_grpc
 from services.common.gc_tuning import freeze_startup_objects
@@ -33,8 +34,11 @@ from services.common.errors import IntegrityError
 from services.common.grpc_server import GrpcHost, aio_channel, install_signal_handlers
 from services.common.telemetry import get_logger, start_metrics_server
 from services.worker.generation_model import GenerationModel
+from services.worker.gpu_metrics import NvmlCollector
+from services.worker.llm_metrics import LLMMetrics
 from services.worker.loading import load_model, warm_up
 from services.worker.malloc_tuning import keep_freed_memory
+from services.worker.metrics import WorkerCollector
 from services.worker.model_files import fetch_version
 from services.worker.servicer import (
     EmbeddingsServicer,
@@ -60,13 +64,20 @@ class Worker:
             worker_id=uuid.uuid4().hex[:12], model_name=config.model_name,
             tenant_metadata_key=config.tenant_metadata_key, fault_injection=config.enable_fault_injection,
         )
-        self.host = GrpcHost(config.max_message_bytes)
+        self.host = GrpcHost(config.max_message_bytes, role="worker", instance_id=self.state.worker_id)
         self.registration: Registration | None = None
         self.stopped = asyncio.Event()
         self.exit_code = 0
 
+    @property
+    def observing(self) -> bool:
+        """Prometheus observation is on unless --metrics-port -1 (ModelStatistics counts regardless)."""
+        return self.config.telemetry.metrics_port >= 0
+
     async def run(self) -> int:
         metrics_port = start_metrics_server(self.config.telemetry, self.config.host)
+        if self.observing:
+            prometheus_client.REGISTRY.register(WorkerCollector(self.state, NvmlCollector.create(self.config.device)))
         self._add_services()
         port = await self.host.start(self.config.host, self.config.port)
         address = f"{self.config.host}:{port}"
@@ -178,6 +189,8 @@ class Worker:
         try:
             model = await asyncio.to_thread(load_model, fetched, self.config, self.state.publisher)
             await asyncio.to_thread(warm_up, model, self.config.warmup_batches)
+            if isinstance(model, GenerationModel) and self.observing:  # after warm-up: it is not traffic
+                model.metrics = LLMMetrics(model.name, model.version, self.state.worker_id, model.max_model_len)
         except Exception as error:  # noqa: BLE001 - any load failure ends this worker, loudly
             log.error("model_load_failed", error=str(error), exc_info=error)
             return EXIT_LOAD_FAILED

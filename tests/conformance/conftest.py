@@ -28,6 +28,7 @@ class Peer:
     address: str
     access_token: str
     process: subprocess.Popen
+    metrics_port: int = 0  # Triton's own Prometheus endpoint
 
     @property
     def headers(self) -> dict[str, str]:
@@ -59,7 +60,7 @@ def peer(request, tmp_path_factory) -> Peer:
         timeout_s=PEER_READY_TIMEOUT_S, what="the Triton peer's ready line", interval_s=0.2,
     )
     assert process.poll() is None, f"Triton peer exited: {output_path.read_text(errors='replace')[-4000:]}"
-    yield Peer(f"127.0.0.1:{grpc_port}", token_path.read_text().strip(), process)
+    yield Peer(f"127.0.0.1:{grpc_port}", token_path.read_text().strip(), process, metrics_port)
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(PEER_STOP_TIMEOUT_S)

@@ -507,3 +507,42 @@ def test_one_stream_serves_several_models(servers):
     actual = stream_events(yard, requests)
     assert not any(is_error for _, is_error in expected)
     assert set(actual) == set(expected), f"(request id, is error) per event: Triton {expected}, tensoryard {actual}"
+
+
+# -- Prometheus ---------------------------------------------------------------------------------
+
+def metric_families(port: int) -> dict[str, tuple[str, frozenset]]:
+    """name as written -> (type, label names) of every nv_inference_* family with a sample."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE "))
+    found = {}
+    for family in text_string_to_metric_families(text):
+        name = f"{family.name}_total" if f"{family.name}_total" in types else family.name
+        if name.startswith("nv_inference_") and family.samples:
+            found[name] = (types[name], frozenset(family.samples[0].labels))
+    return found
+
+
+def test_inference_metric_families_are_named_typed_and_labelled_as_tritons(peer, servers, stack):
+    """Every nv_inference_* family real Triton exports for a model, the worker exports too: same name
+    as written (counters without _total), same type, Triton's labels plus `worker`."""
+    (real, headers), _ = servers
+    real.infer(EMBED, [text_input(["count me"])], headers=headers)
+    expected = metric_families(peer.metrics_port)
+    from protos.tensoryard.v1 import discovery_pb2, discovery_pb2_grpc
+    import grpc
+
+    with grpc.insecure_channel(stack.registry) as channel:
+        instances = discovery_pb2_grpc.DiscoveryStub(channel).List(
+            discovery_pb2.ListRequest(service="worker", model_name=EMBED), timeout=5).instances
+    actual = metric_families(int(instances[0].metadata["metrics_port"]))
+    assert expected, "Triton exported no nv_inference_* family"
+    for name, (kind, labels) in sorted(expected.items()):
+        assert name in actual, f"Triton exports {name} ({kind}); tensoryard does not"
+        assert actual[name][0] == kind, f"{name}: Triton's is a {kind}, tensoryard's a {actual[name][0]}"
+        assert actual[name][1] == labels | {"worker"}, f"{name}: labels {sorted(actual[name][1])}, Triton's {sorted(labels)}"

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2
 
 from protos.tensoryard.v1 import discovery_pb2, discovery_pb2_grpc, registry_pb2, registry_pb2_grpc
 from services.registry.client import register_folder
-from tests.e2e.conftest import MODEL, cli, free_port, health_status, stop, wait_until
+from tests.conftest import MODEL, cli, free_port, health_status, start_registry, stop, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -23,10 +23,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     home = tmp_path_factory.mktemp("registry")
-    address = f"127.0.0.1:{free_port()}"
-    process = cli("registry", "--port", address.split(":")[1], "--data-dir", str(home / "data"),
-                  "--metrics-port", "-1", log_path=home / "registry.log")
-    wait_until(lambda: health_status(address) == SERVING, 60, "the registry to serve")
+    address, process = start_registry(home)
     yield address, home
     assert stop(process) == 0
 

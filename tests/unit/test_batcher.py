@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from services.common.errors import InvalidArgument, Overloaded, Unavailable
-from services.worker.batch_stats import DurationStat
+from services.worker.statistics import DurationStat
 from services.worker.batcher import BatcherConfig, BatchOutput, DynamicBatcher
 
 LONG_DELAY_US = 60_000_000  # far longer than any test may take: reaching it means a bug

@@ -305,6 +305,9 @@ class FakeContext:
         self.aborts.append((code, details))
         raise grpc.aio.AbortError(details)
 
+    def invocation_metadata(self):
+        return ()
+
     def code(self):
         return self.aborts[-1][0] if self.aborts else None
 
