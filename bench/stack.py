@@ -52,7 +52,7 @@ def free_ports(count: int) -> list[int]:
 
 @contextlib.contextmanager
 def background_server(name: str, command: list[str], workdir: Path, ready_line: str,
-                      server_cpus: set[int] | None, stop_timeout_s: float = STOP_TIMEOUT_S):
+                      server_cpus: set[int] | None, stop_timeout_s: float = STOP_TIMEOUT_S, env: dict | None = None):
     """A server process in its own session, its output in `workdir`; yields a `wait_ready()`.
 
     The caller waits when it suits it (two servers may start side by side). On the way out it gets
@@ -62,7 +62,8 @@ def background_server(name: str, command: list[str], workdir: Path, ready_line: 
     output_path = workdir / "server.out"
     with open(output_path, "ab") as output, cpu_affinity(server_cpus):
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True,
+                                   env=None if env is None else {**os.environ, **env})
     ok = False
     try:
         yield process, lambda: _wait_ready(name, process, output_path, ready_line)
@@ -77,20 +78,22 @@ def background_server(name: str, command: list[str], workdir: Path, ready_line: 
 
 @contextlib.contextmanager
 def running_stack(worker_threads: int, server_cpus: set[int] | None, with_llm: bool = True,
-                  home: Path | None = None):
+                  home: Path | None = None, flags: tuple[str, ...] = (), env: dict | None = None):
     """`tensoryard up` in a temporary home; SIGINT on the way out, whatever happens.
 
     `with_llm=False` serves the embedding demo only. `home` may name a folder made for the purpose
     that already holds `imports/` (then `up` reuses the import instead of converting the GGUF again);
-    it is handled like the temporary one: removed afterwards unless something went wrong.
+    it is handled like the temporary one: removed afterwards unless something went wrong. `flags`
+    go to `up` after the ports; `env` is added to this process's environment for it.
     """
     home = home or Path(tempfile.mkdtemp(prefix="tensoryard-bench-"))
     ports = free_ports(4)
     command = [sys.executable, "-m", "services.cli", "up", "--home", str(home),
                "--router-port", str(ports[0]), "--registry-port", str(ports[1]),
                "--router-metrics-port", str(ports[2]), "--registry-metrics-port", str(ports[3]),
-               "--worker-threads", str(worker_threads), *([] if with_llm else ["--no-llm"])]
-    with background_server("tensoryard up", command, home, "tensoryard is ready", server_cpus) as (process, wait_ready):
+               "--worker-threads", str(worker_threads), *([] if with_llm else ["--no-llm"]), *flags]
+    with background_server("tensoryard up", command, home, "tensoryard is ready", server_cpus,
+                           env=env) as (process, wait_ready):
         wait_ready()
         yield Stack(f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", home, process)
 

@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--prometheus", action="store_true",
                     help="also run Prometheus (if installed) with deploy/prometheus's config and rules")
     up.add_argument("--prometheus-port", type=int, default=9090, help="0: any free port (one in use: a free one)")
+    up.add_argument("--no-metrics", action="store_true",
+                    help="no metrics endpoint or Prometheus observations in any process (ModelStatistics still counts)")
 
     registry = sub.add_parser("registry", help="run the model registry and embedded discovery")
     registry.add_argument("--host")
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 prometheus=args.prometheus,
                 prometheus_binary=find_prometheus(env.get("PATH")) if args.prometheus else None,
                 prometheus_port=args.prometheus_port,
+                metrics=not args.no_metrics,
             )
             return Launcher(options, env).run()
         if args.command == "models":

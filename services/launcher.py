@@ -100,6 +100,9 @@ class UpOptions:
     prometheus: bool = False
     prometheus_binary: str | None = None
     prometheus_port: int = 9090
+    # `up --no-metrics`: every child runs with --metrics-port -1 (no endpoint, no Prometheus
+    # observations; ModelStatistics still counts), and nothing is listed as a scrape target.
+    metrics: bool = True
 
     def __post_init__(self) -> None:
         if not (self.with_llm or self.with_embedding):
@@ -166,7 +169,9 @@ class Launcher:
 
     def metrics_port(self, requested: int = 0) -> int:
         """The port to give a child: as requested, a free one for 0 (up must know it to list the
-        target), -1 for off."""
+        target), -1 for off (and for every child under `up --no-metrics`)."""
+        if not self.options.metrics:
+            return -1
         return free_port(self.options.host) if requested == 0 else requested
 
     def on_event(self, event: ProcessEvent) -> None:

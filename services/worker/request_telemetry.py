@@ -6,8 +6,10 @@ exported, its server span (services/common/tracing.py). Here, after the fact:
   monotonic clock): queue and compute time and token counts go on the record, and the phases
   become child spans `engine.queue` (arrival to first scheduled), `engine.prefill` (to the first
   token) and `engine.decode` (to the end; preemptions, if any, fall inside these);
-- an embedding request's batch: `batcher.queue` (submitted to its batch starting) and
-  `batcher.compute` (the batch's run, shared by every request in it).
+- an embedding request's batch: its queue and compute time and batch size as attributes of the
+  call's span (`tensoryard.batcher.queue_ms`, `.compute_ms`, `.num_items`), not child spans: a
+  request of a few milliseconds is the batcher's common case, and two more SDK spans each cost it
+  about as much as the rest of its tracing (bench/bench_observability.py).
 With no record (a call from outside a gRPC server) or no span, this costs a few attribute writes.
 """
 
@@ -72,6 +74,6 @@ def observe_batch(queued_s: float, started_s: float, finished_s: float, num_item
     if texts is not None and log_prompts():
         record.prompt = texts
     if record.span is not None:
-        offset_ns = wall_clock_offset_ns()
-        add_child_span(record, "batcher.queue", queued_s, started_s, {"tensoryard.num_items": num_items}, offset_ns)
-        add_child_span(record, "batcher.compute", started_s, finished_s, offset_ns=offset_ns)
+        record.span.set_attributes({"tensoryard.batcher.queue_ms": (started_s - queued_s) * 1e3,
+                                    "tensoryard.batcher.compute_ms": (finished_s - started_s) * 1e3,
+                                    "tensoryard.batcher.num_items": num_items})

@@ -1,6 +1,6 @@
 """What a worker adds to a call's record and trace: a generation's engine timings become queue and
 compute time, token counts and the engine.queue / prefill / decode child spans, at their times; an
-embedding's batch becomes batcher.queue / compute; prompts and outputs only with log_prompts."""
+embedding's batch becomes attributes of the call's span; prompts and outputs only with log_prompts."""
 
 from __future__ import annotations
 
@@ -74,15 +74,18 @@ def test_prompts_and_outputs_are_kept_only_when_they_may_be_logged(exporter):
     assert (record.prompt, record.output) == ("he", "hi")
 
 
-def test_an_embedding_batch_becomes_batcher_queue_and_compute(exporter):
+def test_an_embedding_batch_is_described_on_the_calls_span(exporter):
     record = open_traced_call()
     queued_s = time.monotonic()
     observe_batch(queued_s, queued_s + 0.001, queued_s + 0.005, 3, ["a", "b", "c"])
     assert record.queue_ns == pytest.approx(1_000_000, abs=1_000)
     assert record.compute_ns == pytest.approx(4_000_000, abs=1_000)
     assert record.prompt is None
-    names = [span.name for span in exporter.get_finished_spans()]
-    assert names == ["batcher.queue", "batcher.compute"]
+    assert exporter.get_finished_spans() == ()  # no child spans: attributes of the call's own
+    attributes = record.span.attributes
+    assert attributes["tensoryard.batcher.queue_ms"] == pytest.approx(1.0, abs=1e-3)
+    assert attributes["tensoryard.batcher.compute_ms"] == pytest.approx(4.0, abs=1e-3)
+    assert attributes["tensoryard.batcher.num_items"] == 3
 
 
 def test_without_a_call_there_is_nothing_to_fill():
