@@ -39,6 +39,12 @@ def _add_telemetry_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file with [registry], [router], [worker] tables")
 
 
+def _add_admin_token_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admin-token-file", type=Path, dest="admin_token_file",
+                        help="file whose first line is the admin token (else $TENSORYARD_ADMIN_TOKEN; "
+                             "neither: admin methods are open)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensoryard", description="AI inference: registry, router, workers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     registry.add_argument("--host")
     registry.add_argument("--port", type=int)
     registry.add_argument("--data-dir", type=Path, dest="data_dir")
+    _add_admin_token_flag(registry)
     _add_telemetry_flags(registry)
 
     router = sub.add_parser("router", help="run the router (inference.GRPCInferenceService)")
@@ -119,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="allow WorkerControl.InjectFault (tests only)")
     worker.add_argument("--max-message-bytes", type=int, dest="max_message_bytes",
                         help="largest request or response message (default 64 MiB)")
+    _add_admin_token_flag(worker)
     _add_telemetry_flags(worker)
 
     models = sub.add_parser("models", help="manage models in the registry")
@@ -130,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--config-json", default="{}", help="serving config, e.g. '{\"max_batch_size\": 32}'")
     register.add_argument("--description", default="")
     register.add_argument("--registry", default="127.0.0.1:7070")
+    _add_admin_token_flag(register)
     importing = models_sub.add_parser("import", help="import a GGUF file (Llama family) and register it")
     importing.add_argument("gguf", type=Path)
     importing.add_argument("--name", required=True)
@@ -137,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="where the converted safetensors folder is kept")
     importing.add_argument("--config-json", default="{}", help="serving config, e.g. '{\"max_num_seqs\": 32}'")
     importing.add_argument("--registry", default="127.0.0.1:7070")
+    _add_admin_token_flag(importing)
     listing = models_sub.add_parser("list", help="list models and versions")
     listing.add_argument("--registry", default="127.0.0.1:7070")
 
@@ -195,13 +205,16 @@ def _run_service(args: argparse.Namespace, env: dict[str, str]) -> int:
     return asyncio.run(serve(config)) or 0
 
 
-def _run_models(args: argparse.Namespace) -> int:
+def _run_models(args: argparse.Namespace, env: dict[str, str]) -> int:
     import grpc
 
     from protos.tensoryard.v1 import registry_pb2, registry_pb2_grpc
+    from services.common.admin_auth import admin_channel, client_admin_token
     from services.registry.client import register_folder
 
-    with grpc.insecure_channel(args.registry) as channel:
+    token = client_admin_token(env, getattr(args, "admin_token_file", None))
+    with grpc.insecure_channel(args.registry) as plain_channel:
+        channel = admin_channel(plain_channel, token)
         if args.models_command == "import":
             from services.model_import import import_and_register
 
@@ -253,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return Launcher(options, env).run()
         if args.command == "models":
-            return _run_models(args)
+            return _run_models(args, env)
         if args.command == "status":
             from services.launcher import default_home
             from services.status.command import StatusOptions, run

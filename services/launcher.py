@@ -28,6 +28,7 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from services import prometheus
 from services.common.telemetry import free_port
+from services.common.admin_auth import admin_channel, client_admin_token
 from services.registry.client import register_folder
 from services.supervisor import EventKind, ProcessEvent, ProcessSpec, RestartPolicy, Supervisor
 
@@ -206,7 +207,9 @@ class Launcher:
             self._wait_health("registry", registry_address, stop_requested)
             self.say(f"  registry  {registry_address}  (metrics :{registry_metrics_port})")
             models = demo_models(o.home, o.with_llm, o.with_embedding)
-            with grpc.insecure_channel(registry_address) as channel:
+            with grpc.insecure_channel(registry_address) as plain_channel:
+                # The registry child inherits this environment: it wants the same token, if any.
+                channel = admin_channel(plain_channel, client_admin_token(self.env))
                 for model in models:
                     version, created = register_folder(
                         channel, model.name, model.task, model.folder, model.config, model.description

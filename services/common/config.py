@@ -51,6 +51,18 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    # The admin token (services/common/admin_auth.py): TENSORYARD_ADMIN_TOKEN, or the first line of
+    # --admin-token-file. Neither: admin methods are open.
+    admin_token: str = ""
+    admin_token_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.admin_token and self.admin_token_file is not None:
+            raise ValueError("admin_token and admin_token_file: give one, not both")
+
+
+@dataclass(frozen=True, slots=True)
 class RegistryConfig:
     host: str = "127.0.0.1"
     port: int = 7070
@@ -60,6 +72,7 @@ class RegistryConfig:
     # another TTL.
     default_lease_ttl_ms: int = 10_000
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
@@ -108,6 +121,7 @@ class WorkerConfig:
     # Largest request or response message the worker takes or sends (larger: RESOURCE_EXHAUSTED).
     max_message_bytes: int = 64 * 1024 * 1024
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def __post_init__(self) -> None:
         if not self.model_name:

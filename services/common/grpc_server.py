@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import access_log, errors, tracing
+from services.common.admin_auth import AdminTokenInterceptor
 from services.common.telemetry import GRPC_LATENCY, GRPC_REQUESTS, get_logger
 
 log = get_logger(__name__)
@@ -337,16 +338,22 @@ def _observe(labels, code, context, started: float, record: access_log.RequestRe
 
 
 class GrpcHost:
-    """A grpc.aio server with health, reflection and the error interceptor.
+    """A grpc.aio server with health, reflection, the error interceptor and, given an admin token,
+    the admin check.
 
     Register services with `add_servicer` / `add_generic_handler`, then `start()`. Health starts
     NOT_SERVING for every service; the owner flips it with `set_serving()` once ready.
     """
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra_options=(), role: str = "",
-                 instance_id: str = ""):
+                 instance_id: str = "", admin_token: str = ""):
+        # The admin check sits inside the error interceptor, so refused calls are counted and
+        # logged too; with no token there is no check at all (admin_auth.py).
+        interceptors = [ErrorInterceptor(role, instance_id)]
+        if admin_token:
+            interceptors.append(AdminTokenInterceptor(admin_token))
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(role, instance_id)],
+            interceptors=interceptors,
             options=[*message_size_options(max_message_bytes), *extra_options],
         )
         self.health = health.aio.HealthServicer()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from protos.tensoryard.v1 import discovery_pb2_grpc, registry_pb2_grpc
+from services.common.admin_auth import read_admin_token
 from services.common.gc_tuning import freeze_startup_objects
 from services.common.config import RegistryConfig
 from services.common.grpc_server import GrpcHost, install_signal_handlers
@@ -38,7 +39,8 @@ async def serve(config: RegistryConfig, stop: asyncio.Event | None = None) -> No
     metrics_port = start_metrics_server(config.telemetry, config.host)
     store, blobs = open_store(config)
     catalog = DiscoveryCatalog()
-    host = GrpcHost(role="registry")
+    host = GrpcHost(role="registry", admin_token=read_admin_token(
+        config.admin.admin_token, config.admin.admin_token_file))
     host.add_servicer(
         registry_pb2_grpc.add_ModelRegistryServicer_to_server,
         ModelRegistryServicer(store, blobs),

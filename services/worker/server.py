@@ -27,6 +27,7 @@ import uuid
 import prometheus_client
 from protos.inference import grpc_service_pb2_grpc
 from protos.tensoryard.v1 import discovery_pb2, embeddings_pb2_grpc, generation_pb2_grpc, worker_pb2_grpc
+from services.common.admin_auth import read_admin_token
 from services.common.gc_tuning import freeze_startup_objects
 from services.common.config import WorkerConfig
 from services.common.discovery import DiscoveryClient, Registration
@@ -64,7 +65,10 @@ class Worker:
             worker_id=uuid.uuid4().hex[:12], model_name=config.model_name,
             tenant_metadata_key=config.tenant_metadata_key, fault_injection=config.enable_fault_injection,
         )
-        self.host = GrpcHost(config.max_message_bytes, role="worker", instance_id=self.state.worker_id)
+        self.host = GrpcHost(
+            config.max_message_bytes, role="worker", instance_id=self.state.worker_id,
+            admin_token=read_admin_token(config.admin.admin_token, config.admin.admin_token_file),
+        )
         self.registration: Registration | None = None
         self.stopped = asyncio.Event()
         self.exit_code = 0
