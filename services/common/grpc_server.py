@@ -3,7 +3,8 @@
 Every service (router, registry, worker) gets `grpc.health.v1.Health` and server reflection, so
 `grpcurl` and load balancers work against any of them with no proto files at hand. Domain errors
 raised by handlers are turned into gRPC status codes here and nowhere else (`ErrorInterceptor`),
-and so are request bytes that do not parse as the method's request message (INVALID_ARGUMENT).
+and so are request bytes that do not parse as the method's request message (INVALID_ARGUMENT,
+services/common/request_decoding.py).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from typing import Any
 
 import grpc
 import structlog
-from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import access_log, errors, tracing
 from services.common.admin_auth import AdminTokenInterceptor
+from services.common.request_decoding import cancelled_for_bad_message, checked_request, tolerant_deserializer
 from services.common.telemetry import GRPC_LATENCY, GRPC_REQUESTS, get_logger
 
 log = get_logger(__name__)
@@ -72,7 +73,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         labels = (service, method)
         identity = self._identity
-        deserializer = _tolerant(handler.request_deserializer, f"{service}.{method}")
+        deserializer = tolerant_deserializer(handler.request_deserializer, f"{service}.{method}")
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, labels, request_streaming=False, identity=identity),
@@ -129,103 +130,6 @@ def _open_call(labels, context, identity: _Identity) -> access_log.RequestRecord
     return record
 
 
-class _Undecodable:
-    """Stands in for a request message whose bytes did not parse; the wrapped handler refuses it."""
-
-    __slots__ = ("message",)
-
-    def __init__(self, message: str):
-        self.message = message
-
-
-def _tolerant(deserializer, method_name: str):
-    """`deserializer`, except that bytes which do not parse yield an `_Undecodable`."""
-    if deserializer is None:  # raw bytes in: the handler parses what it needs itself
-        return None
-    type_name = _request_type_name(deserializer, method_name)
-
-    def deserialize(data: bytes):
-        try:
-            return deserializer(data)
-        except Exception as error:  # noqa: BLE001 - whatever the parser says, the bytes are bad
-            return _Undecodable(_not_a_valid(type_name, error))
-
-    return deserialize
-
-
-def parse_request(message_class, data: bytes):
-    """`message_class.FromString(data)` for handlers that take raw bytes (the router's), failing
-    with the InvalidArgument a typed handler's caller gets for the same bytes."""
-    try:
-        return message_class.FromString(data)
-    except Exception as error:  # noqa: BLE001
-        raise errors.InvalidArgument(_not_a_valid(message_class.DESCRIPTOR.full_name, error)) from None
-
-
-def _not_a_valid(type_name: str, error: Exception) -> str:
-    # protobuf's text repeats the type: "Error parsing message with type 'X': reason".
-    reason = str(error).rpartition("': ")[2] or type(error).__name__
-    return f"the request is not a valid {type_name}: {reason}"
-
-
-def _request_type_name(deserializer, method_name: str) -> str:
-    """The request message's full name: from `Message.FromString`, else the method's descriptor."""
-    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
-    if descriptor is not None:
-        return descriptor.full_name
-    try:
-        return descriptor_pool.Default().FindMethodByName(method_name).input_type.full_name
-    except KeyError:
-        return f"{method_name} request"
-
-
-def _checked(request, request_streaming: bool):
-    """The request as the handler gets it: a message that did not parse goes no further."""
-    if request_streaming:
-        return _RequestStream(request)
-    if isinstance(request, _Undecodable):
-        raise errors.InvalidArgument(request.message)
-    return request
-
-
-class _RequestStream:
-    """A handler's request iterator that ends the call at a message which did not parse.
-
-    Read from the handler's own task, it raises InvalidArgument, which the handler lets through to
-    the wrapper like any other error. A handler may read its requests from a task of its own (the
-    LLM's ModelStreamInfer does, to serve them concurrently), and that task's error may never reach
-    the wrapper; there the wrapper is told (`failure`) and the handler's task is stopped: cancelled
-    if it is running the handler, else (grpc is sending one of its responses) when grpc asks for
-    the next response. Either way the status goes out from the handler's task, never while one of
-    its writes is still under way.
-    """
-
-    def __init__(self, requests):
-        self._requests = requests.__aiter__()
-        self._handler_task = asyncio.current_task()
-        self.failure: errors.InvalidArgument | None = None
-        self.in_handler = True  # False while grpc sends a response the handler yielded
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        request = await self._requests.__anext__()
-        if not isinstance(request, _Undecodable):
-            return request
-        error = errors.InvalidArgument(request.message)
-        if asyncio.current_task() is self._handler_task:
-            raise error
-        self.failure = error
-        if self.in_handler:
-            self._handler_task.cancel()
-        raise asyncio.CancelledError  # this reader ends with the call
-
-    def check(self) -> None:
-        if self.failure is not None:
-            raise self.failure
-
-
 def _wrap_unary(behavior, labels, request_streaming: bool, identity: _Identity = _NO_IDENTITY):
     async def call(request, context):
         started = time.perf_counter()
@@ -233,10 +137,10 @@ def _wrap_unary(behavior, labels, request_streaming: bool, identity: _Identity =
         code = grpc.StatusCode.OK
         requests = None
         try:
-            requests = _checked(request, request_streaming)
+            requests = checked_request(request, request_streaming)
             return await behavior(requests, context)
         except asyncio.CancelledError:
-            if not _cancelled_for_bad_message(requests):
+            if not cancelled_for_bad_message(requests):
                 raise
             code, message = _status_of(requests.failure)
             await context.abort(code, message)
@@ -257,7 +161,7 @@ def _wrap_stream(behavior, labels, request_streaming: bool, identity: _Identity 
         code = grpc.StatusCode.OK
         requests = None
         try:
-            requests = _checked(request, request_streaming)
+            requests = checked_request(request, request_streaming)
             stream = requests if request_streaming else None
             async with contextlib.aclosing(behavior(requests, context)) as responses:
                 async for response in responses:
@@ -268,7 +172,7 @@ def _wrap_stream(behavior, labels, request_streaming: bool, identity: _Identity 
                         stream.check()
                         stream.in_handler = True
         except asyncio.CancelledError:
-            if not _cancelled_for_bad_message(requests):
+            if not cancelled_for_bad_message(requests):
                 raise
             code, message = _status_of(requests.failure)
             await context.abort(code, message)
@@ -291,14 +195,6 @@ def _set_retry_pushback(context, error: Exception) -> None:
     retry_after_s = getattr(error, "retry_after_s", None)
     if retry_after_s:
         context.set_trailing_metadata(((RETRY_PUSHBACK_HEADER, str(max(int(retry_after_s * 1000), 1))),))
-
-
-def _cancelled_for_bad_message(requests) -> bool:
-    """Whether a CancelledError came from `_RequestStream` (the call goes on to answer it)."""
-    if not isinstance(requests, _RequestStream) or requests.failure is None:
-        return False
-    asyncio.current_task().uncancel()
-    return True
 
 
 def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:

@@ -21,7 +21,8 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.tensoryard.v1 import generation_pb2
 from services.common import tracing
 from services.common.errors import InvalidArgument, NotFound, Overloaded, TensoryardError, status_for
-from services.common.grpc_server import REQUEST_ID_HEADER, bind_request, parse_request
+from services.common.grpc_server import REQUEST_ID_HEADER, bind_request
+from services.common.request_decoding import parse_request
 from services.common.infer_checks import check_infer_request
 from services.common.telemetry import get_logger
 from services.router import metrics, statistics

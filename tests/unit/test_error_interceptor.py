@@ -20,7 +20,8 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 
 from services.common.errors import InvalidArgument
-from services.common.grpc_server import GrpcHost, _tolerant, _wrap_stream, parse_request
+from services.common.grpc_server import GrpcHost, _wrap_stream
+from services.common.request_decoding import parse_request, tolerant_deserializer
 from services.common.infer_checks import check_infer_request
 
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -319,7 +320,7 @@ def test_status_never_goes_out_while_grpc_is_still_sending_a_response():
     """A status sent from the reader task would race grpc's send of the handler's response (the
     first one carries the initial metadata too): a bad message seen while grpc sends a response
     is answered from the handler's task, when grpc asks it for more."""
-    deserialize = _tolerant(pb.ModelInferRequest.FromString, f"{INFER}.ModelStreamInfer")
+    deserialize = tolerant_deserializer(pb.ModelInferRequest.FromString, f"{INFER}.ModelStreamInfer")
 
     async def scenario():
         incoming: asyncio.Queue = asyncio.Queue()
