@@ -4,7 +4,10 @@ Workers stream `LoadReport`s (services/worker/load_reports.py): a report wheneve
 at most every 50 ms, and a heartbeat every 250 ms. A replica is routable while it reports SERVING
 and its reports keep coming; a silent stream (a stopped or hung process) makes it unroutable after
 `stale_after_s`, long before its discovery lease would expire. Between two reports the router adds
-the requests it has routed there, so a burst does not all land on the replica that looked idlest.
+the requests it has routed there, so a burst does not all land on the replica that looked idlest,
+and takes off those of its own that ended there: a report may be a step old, and at capacity the
+seat a request just freed is the one its caller's next request should take (read from the report
+alone, every replica would look full and the router would refuse it).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class ReplicaLoad:
     # This router's own view.
     num_outstanding: int = 0  # requests in flight on this replica from this router
     num_routed_since_report: int = 0
+    num_ended_since_report: int = 0  # of this router's requests there (answered, refused or failed)
     num_blocks_routed_since_report: int = 0
     block_size: int = 16  # the replica's KV block size, from its KV events
 
@@ -36,11 +40,26 @@ class ReplicaLoad:
         self.stats = stats
         self.reported_at_s = now_s
         self.num_routed_since_report = 0
+        self.num_ended_since_report = 0
         self.num_blocks_routed_since_report = 0
 
     def on_routed(self, num_prompt_blocks: int = 0) -> None:
         self.num_routed_since_report += 1
         self.num_blocks_routed_since_report += num_prompt_blocks
+
+    def on_sent(self) -> None:
+        self.num_outstanding += 1
+
+    def on_ended(self) -> None:
+        """One of this router's requests there is over, whatever its outcome: no longer on the
+        replica. (Its end may reach the router just after the report that already left it out;
+        the count is then one low until the next report, at most a heartbeat away.)"""
+        self.num_outstanding -= 1
+        self.num_ended_since_report += 1
+
+    @property
+    def _net_routed_since_report(self) -> int:
+        return self.num_routed_since_report - self.num_ended_since_report
 
     @property
     def state(self) -> str:
@@ -56,10 +75,12 @@ class ReplicaLoad:
 
     @property
     def saturated(self) -> bool:
-        """The replica's own estimate of a new request's wait is past what it admits."""
+        """The replica's own estimate of a new request's wait is past what it admits, and no seat
+        has freed there since it said so (more of this router's requests ended than it sent)."""
         stats = self.stats
         return (stats is not None and stats.queue_wait_bound_s > 0
-                and stats.estimated_queue_wait_s > stats.queue_wait_bound_s)
+                and stats.estimated_queue_wait_s > stats.queue_wait_bound_s
+                and self._net_routed_since_report >= 0)
 
     @property
     def retry_after_s(self) -> float:
@@ -80,7 +101,7 @@ class ReplicaLoad:
         reported = self.stats.num_running + self.stats.num_waiting
         if not self.stats.max_num_seqs:  # not an LLM: its queue and what it is computing
             reported = self.stats.queue_depth + self.stats.num_in_flight
-        return reported + self.num_routed_since_report
+        return max(reported + self._net_routed_since_report, 0)
 
     @property
     def occupancy(self) -> float:

@@ -95,14 +95,14 @@ class Relay:
             tried.add(backend.instance_id)
             if record is not None:
                 record.worker = backend.instance_id
-            backend.load.num_outstanding += 1
+            backend.load.on_sent()
             called_s = time.perf_counter()
             try:
                 return await backend.unary(method)(request, timeout=context.time_remaining(), metadata=metadata)
             except grpc.aio.AioRpcError as error:
                 failure = RelayError.from_rpc(error)
             finally:
-                backend.load.num_outstanding -= 1
+                backend.load.on_ended()
                 if forwarded is not None:
                     forwarded.answered(backend, time.perf_counter() - called_s)
             backend = self._retry_target(route, failure, tried, prompt_token_ids)
@@ -128,7 +128,7 @@ class Relay:
                 record.worker = backend.instance_id
             handle = Interruptible()
             backend.streams.add(handle)
-            backend.load.num_outstanding += 1
+            backend.load.on_sent()
             called_s = time.perf_counter()
             call = handle.call = kind.open(backend, kind.resumed(request, sent) if sent else request,
                                            context.time_remaining(), metadata)
@@ -153,7 +153,7 @@ class Relay:
                 failure = RelayError.from_rpc(error)
             finally:
                 backend.streams.discard(handle)
-                backend.load.num_outstanding -= 1
+                backend.load.on_ended()
                 if forwarded is not None:
                     forwarded.answered(backend, time.perf_counter() - called_s)
                 if not completed:  # the caller went away, or the replica did: stop the call

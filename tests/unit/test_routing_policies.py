@@ -121,6 +121,20 @@ def test_requests_routed_since_the_last_report_count_as_load():
     assert load.num_requests == 4
 
 
+def test_requests_that_ended_since_the_last_report_no_longer_count():
+    load = ReplicaLoad()
+    load.on_report(worker_pb2.WorkerStats(state="SERVING", num_running=4, max_num_seqs=4), now_s=0.0)
+    load.on_sent()
+    load.on_ended()  # one of the four this router sent there finished before the next report
+    assert load.num_requests == 3
+    load.on_routed()
+    load.on_sent()  # its caller's next request takes the freed seat
+    assert load.num_requests == 4 and load.num_outstanding == 1
+    load.on_report(worker_pb2.WorkerStats(state="SERVING", num_running=0, max_num_seqs=4), now_s=0.1)
+    load.on_ended()  # an end that reaches the router just after the report that left it out
+    assert load.num_requests == 0
+
+
 def test_a_replica_is_routable_while_it_reports_serving_and_on_time():
     load = ReplicaLoad(added_at_s=0.0)
     assert load.routable(now_s=0.5, stale_after_s=1.0)  # connecting
@@ -138,6 +152,18 @@ def test_a_replica_past_its_own_wait_bound_is_saturated():
     assert load.saturated and abs(load.retry_after_s - 0.3) < 1e-6
     load.on_report(worker_pb2.WorkerStats(state="SERVING", estimated_queue_wait_s=0.1, queue_wait_bound_s=0.2), 0.1)
     assert not load.saturated
+
+
+def test_a_full_replica_where_a_request_just_ended_has_room_until_it_is_taken():
+    """At capacity, the report that says 'full' may be a step old: the seat a request just freed is
+    there for the next request, not a reason to refuse it."""
+    load = ReplicaLoad()
+    load.on_report(worker_pb2.WorkerStats(state="SERVING", estimated_queue_wait_s=0.5, queue_wait_bound_s=0.2), 0.0)
+    load.on_sent()
+    load.on_ended()
+    assert not load.saturated
+    load.on_routed()  # the freed seat is taken
+    assert load.saturated
 
 
 def test_each_running_sequence_counts_its_whole_context_so_a_hot_prefix_spreads_out():
