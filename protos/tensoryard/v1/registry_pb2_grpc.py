@@ -54,6 +54,11 @@ class ModelRegistryStub:
                 request_serializer=tensoryard_dot_v1_dot_registry__pb2.BlobChunk.SerializeToString,
                 response_deserializer=tensoryard_dot_v1_dot_registry__pb2.BlobRef.FromString,
                 _registered_method=True)
+        self.GetUpload = channel.unary_unary(
+                '/tensoryard.v1.ModelRegistry/GetUpload',
+                request_serializer=tensoryard_dot_v1_dot_registry__pb2.GetUploadRequest.SerializeToString,
+                response_deserializer=tensoryard_dot_v1_dot_registry__pb2.GetUploadResponse.FromString,
+                _registered_method=True)
         self.CreateVersion = channel.unary_unary(
                 '/tensoryard.v1.ModelRegistry/CreateVersion',
                 request_serializer=tensoryard_dot_v1_dot_registry__pb2.CreateVersionRequest.SerializeToString,
@@ -73,6 +78,56 @@ class ModelRegistryStub:
                 '/tensoryard.v1.ModelRegistry/DownloadBlob',
                 request_serializer=tensoryard_dot_v1_dot_registry__pb2.DownloadBlobRequest.SerializeToString,
                 response_deserializer=tensoryard_dot_v1_dot_registry__pb2.BlobChunk.FromString,
+                _registered_method=True)
+        self.DeleteVersion = channel.unary_unary(
+                '/tensoryard.v1.ModelRegistry/DeleteVersion',
+                request_serializer=tensoryard_dot_v1_dot_registry__pb2.DeleteVersionRequest.SerializeToString,
+                response_deserializer=tensoryard_dot_v1_dot_registry__pb2.DeleteVersionResponse.FromString,
+                _registered_method=True)
+        self.SetAlias = channel.unary_unary(
+                '/tensoryard.v1.ModelRegistry/SetAlias',
+                request_serializer=tensoryard_dot_v1_dot_registry__pb2.SetAliasRequest.SerializeToString,
+                response_deserializer=tensoryard_dot_v1_dot_registry__pb2.Alias.FromString,
+                _registered_method=True)
+        self.DeleteAlias = channel.unary_unary(
+                '/tensoryard.v1.ModelRegistry/DeleteAlias',
+                request_serializer=tensoryard_dot_v1_dot_registry__pb2.DeleteAliasRequest.SerializeToString,
+                response_deserializer=tensoryard_dot_v1_dot_registry__pb2.DeleteAliasResponse.FromString,
+                _registered_method=True)
+        self.GetTrafficPolicy = channel.unary_unary(
+                '/tensoryard.v1.ModelRegistry/GetTrafficPolicy',
+                request_serializer=tensoryard_dot_v1_dot_registry__pb2.GetTrafficPolicyRequest.SerializeToString,
+                response_deserializer=tensoryard_dot_v1_dot_registry__pb2.TrafficPolicy.FromString,
+                _registered_method=True)
+        self.SetTrafficPolicy = channel.unary_unary(
+                '/tensoryard.v1.ModelRegistry/SetTrafficPolicy',
+                request_serializer=tensoryard_dot_v1_dot_registry__pb2.SetTrafficPolicyRequest.SerializeToString,
+                response_deserializer=tensoryard_dot_v1_dot_registry__pb2.TrafficPolicy.FromString,
+                _registered_method=True)
+        self.SetDeployment = channel.unary_unary(
+                '/tensoryard.v1.ModelRegistry/SetDeployment',
+                request_serializer=tensoryard_dot_v1_dot_registry__pb2.SetDeploymentRequest.SerializeToString,
+                response_deserializer=tensoryard_dot_v1_dot_registry__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.ListDeployments = channel.unary_unary(
+                '/tensoryard.v1.ModelRegistry/ListDeployments',
+                request_serializer=tensoryard_dot_v1_dot_registry__pb2.ListDeploymentsRequest.SerializeToString,
+                response_deserializer=tensoryard_dot_v1_dot_registry__pb2.ListDeploymentsResponse.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/tensoryard.v1.ModelRegistry/ListAudit',
+                request_serializer=tensoryard_dot_v1_dot_registry__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=tensoryard_dot_v1_dot_registry__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
+        self.AppendAudit = channel.unary_unary(
+                '/tensoryard.v1.ModelRegistry/AppendAudit',
+                request_serializer=tensoryard_dot_v1_dot_registry__pb2.AppendAuditRequest.SerializeToString,
+                response_deserializer=tensoryard_dot_v1_dot_registry__pb2.AuditEntry.FromString,
+                _registered_method=True)
+        self.VerifyStore = channel.unary_unary(
+                '/tensoryard.v1.ModelRegistry/VerifyStore',
+                request_serializer=tensoryard_dot_v1_dot_registry__pb2.VerifyStoreRequest.SerializeToString,
+                response_deserializer=tensoryard_dot_v1_dot_registry__pb2.VerifyStoreResponse.FromString,
                 _registered_method=True)
 
 
@@ -98,21 +153,31 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadBlob(self, request_iterator, context):
-        """Streams a file's bytes in; answers the blob's sha256 and size.
+        """Streams a file's bytes in; answers the blob's sha256 and size. The first chunk may carry an
+        upload_id and offset to continue an interrupted upload (see GetUpload).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUpload(self, request, context):
+        """How much of an interrupted upload the registry holds, and which blobs it has already.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateVersion(self, request, context):
-        """Creates the next version of a model from blobs already uploaded.
+        """Creates the next version of a model from blobs already uploaded (verified before it is
+        published: every blob present, of the stated size and sha256).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetVersion(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """`version` 0 or `ref` empty: the latest; `ref` may name a version number or an alias.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -125,6 +190,73 @@ class ModelRegistryServicer:
 
     def DownloadBlob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVersion(self, request, context):
+        """Refused (FAILED_PRECONDITION) while an alias, the traffic policy or a deployment uses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAlias(self, request, context):
+        """Aliases: a name (`production`, `canary`, any) that points at one version of a model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAlias(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrafficPolicy(self, request, context):
+        """Which version serves a request that names none: weighted split, A/B, sticky key, rollback.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTrafficPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDeployment(self, request, context):
+        """Desired replicas per model version; a deployment controller (up's local one, later Nomad)
+        starts and stops workers to match.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeployments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """Every change, oldest first; nothing in it is ever updated or deleted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyStore(self, request, context):
+        """Rereads every version's artifacts: each present with its size and sha256.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -152,6 +284,11 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     request_deserializer=tensoryard_dot_v1_dot_registry__pb2.BlobChunk.FromString,
                     response_serializer=tensoryard_dot_v1_dot_registry__pb2.BlobRef.SerializeToString,
             ),
+            'GetUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUpload,
+                    request_deserializer=tensoryard_dot_v1_dot_registry__pb2.GetUploadRequest.FromString,
+                    response_serializer=tensoryard_dot_v1_dot_registry__pb2.GetUploadResponse.SerializeToString,
+            ),
             'CreateVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateVersion,
                     request_deserializer=tensoryard_dot_v1_dot_registry__pb2.CreateVersionRequest.FromString,
@@ -171,6 +308,56 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.DownloadBlob,
                     request_deserializer=tensoryard_dot_v1_dot_registry__pb2.DownloadBlobRequest.FromString,
                     response_serializer=tensoryard_dot_v1_dot_registry__pb2.BlobChunk.SerializeToString,
+            ),
+            'DeleteVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVersion,
+                    request_deserializer=tensoryard_dot_v1_dot_registry__pb2.DeleteVersionRequest.FromString,
+                    response_serializer=tensoryard_dot_v1_dot_registry__pb2.DeleteVersionResponse.SerializeToString,
+            ),
+            'SetAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlias,
+                    request_deserializer=tensoryard_dot_v1_dot_registry__pb2.SetAliasRequest.FromString,
+                    response_serializer=tensoryard_dot_v1_dot_registry__pb2.Alias.SerializeToString,
+            ),
+            'DeleteAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAlias,
+                    request_deserializer=tensoryard_dot_v1_dot_registry__pb2.DeleteAliasRequest.FromString,
+                    response_serializer=tensoryard_dot_v1_dot_registry__pb2.DeleteAliasResponse.SerializeToString,
+            ),
+            'GetTrafficPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrafficPolicy,
+                    request_deserializer=tensoryard_dot_v1_dot_registry__pb2.GetTrafficPolicyRequest.FromString,
+                    response_serializer=tensoryard_dot_v1_dot_registry__pb2.TrafficPolicy.SerializeToString,
+            ),
+            'SetTrafficPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTrafficPolicy,
+                    request_deserializer=tensoryard_dot_v1_dot_registry__pb2.SetTrafficPolicyRequest.FromString,
+                    response_serializer=tensoryard_dot_v1_dot_registry__pb2.TrafficPolicy.SerializeToString,
+            ),
+            'SetDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDeployment,
+                    request_deserializer=tensoryard_dot_v1_dot_registry__pb2.SetDeploymentRequest.FromString,
+                    response_serializer=tensoryard_dot_v1_dot_registry__pb2.Deployment.SerializeToString,
+            ),
+            'ListDeployments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeployments,
+                    request_deserializer=tensoryard_dot_v1_dot_registry__pb2.ListDeploymentsRequest.FromString,
+                    response_serializer=tensoryard_dot_v1_dot_registry__pb2.ListDeploymentsResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=tensoryard_dot_v1_dot_registry__pb2.ListAuditRequest.FromString,
+                    response_serializer=tensoryard_dot_v1_dot_registry__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'AppendAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendAudit,
+                    request_deserializer=tensoryard_dot_v1_dot_registry__pb2.AppendAuditRequest.FromString,
+                    response_serializer=tensoryard_dot_v1_dot_registry__pb2.AuditEntry.SerializeToString,
+            ),
+            'VerifyStore': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyStore,
+                    request_deserializer=tensoryard_dot_v1_dot_registry__pb2.VerifyStoreRequest.FromString,
+                    response_serializer=tensoryard_dot_v1_dot_registry__pb2.VerifyStoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -292,6 +479,33 @@ class ModelRegistry:
             _registered_method=True)
 
     @staticmethod
+    def GetUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensoryard.v1.ModelRegistry/GetUpload',
+            tensoryard_dot_v1_dot_registry__pb2.GetUploadRequest.SerializeToString,
+            tensoryard_dot_v1_dot_registry__pb2.GetUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateVersion(request,
             target,
             options=(),
@@ -389,6 +603,276 @@ class ModelRegistry:
             '/tensoryard.v1.ModelRegistry/DownloadBlob',
             tensoryard_dot_v1_dot_registry__pb2.DownloadBlobRequest.SerializeToString,
             tensoryard_dot_v1_dot_registry__pb2.BlobChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensoryard.v1.ModelRegistry/DeleteVersion',
+            tensoryard_dot_v1_dot_registry__pb2.DeleteVersionRequest.SerializeToString,
+            tensoryard_dot_v1_dot_registry__pb2.DeleteVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensoryard.v1.ModelRegistry/SetAlias',
+            tensoryard_dot_v1_dot_registry__pb2.SetAliasRequest.SerializeToString,
+            tensoryard_dot_v1_dot_registry__pb2.Alias.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensoryard.v1.ModelRegistry/DeleteAlias',
+            tensoryard_dot_v1_dot_registry__pb2.DeleteAliasRequest.SerializeToString,
+            tensoryard_dot_v1_dot_registry__pb2.DeleteAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrafficPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensoryard.v1.ModelRegistry/GetTrafficPolicy',
+            tensoryard_dot_v1_dot_registry__pb2.GetTrafficPolicyRequest.SerializeToString,
+            tensoryard_dot_v1_dot_registry__pb2.TrafficPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTrafficPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensoryard.v1.ModelRegistry/SetTrafficPolicy',
+            tensoryard_dot_v1_dot_registry__pb2.SetTrafficPolicyRequest.SerializeToString,
+            tensoryard_dot_v1_dot_registry__pb2.TrafficPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensoryard.v1.ModelRegistry/SetDeployment',
+            tensoryard_dot_v1_dot_registry__pb2.SetDeploymentRequest.SerializeToString,
+            tensoryard_dot_v1_dot_registry__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeployments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensoryard.v1.ModelRegistry/ListDeployments',
+            tensoryard_dot_v1_dot_registry__pb2.ListDeploymentsRequest.SerializeToString,
+            tensoryard_dot_v1_dot_registry__pb2.ListDeploymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensoryard.v1.ModelRegistry/ListAudit',
+            tensoryard_dot_v1_dot_registry__pb2.ListAuditRequest.SerializeToString,
+            tensoryard_dot_v1_dot_registry__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensoryard.v1.ModelRegistry/AppendAudit',
+            tensoryard_dot_v1_dot_registry__pb2.AppendAuditRequest.SerializeToString,
+            tensoryard_dot_v1_dot_registry__pb2.AuditEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyStore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensoryard.v1.ModelRegistry/VerifyStore',
+            tensoryard_dot_v1_dot_registry__pb2.VerifyStoreRequest.SerializeToString,
+            tensoryard_dot_v1_dot_registry__pb2.VerifyStoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
