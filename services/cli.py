@@ -2,8 +2,8 @@
 
     tensoryard up                      registry + router + demo model workers on loopback
     tensoryard registry | router | worker --model-name NAME
-    tensoryard models register NAME FOLDER --task embedding
-    tensoryard models list
+    tensoryard models push NAME FOLDER --task embedding   (also: import, list, show, alias, diff, rm)
+    tensoryard models list [--json]
     tensoryard status [--once] [--json]   models, replicas, req/s, latency, TTFT, tokens/s, queue, KV
 
 This is the only module that reads the process environment; it builds each component's config
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from pathlib import Path
 
 from services.common.config import RegistryConfig, RouterConfig, WorkerConfig, build_config
+from services.models_cli.parser import add_models_commands
 
 
 def _add_telemetry_flags(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,18 @@ def _add_admin_token_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-token-file", type=Path, dest="admin_token_file",
                         help="file whose first line is the admin token (else $TENSORYARD_ADMIN_TOKEN; "
                              "neither: admin methods are open)")
+
+
+def _add_admin_tls_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admin-tls-port", type=int, dest="admin_tls_port",
+                        help="also listen here with TLS and required client certificates; admin methods "
+                             "for certificates whose subject CN is in --admin-subjects (-1, default: no)")
+    parser.add_argument("--tls-cert", type=Path, dest="tls_cert_file", help="the admin TLS port's certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, dest="tls_key_file", help="its private key (PEM)")
+    parser.add_argument("--tls-client-ca", type=Path, dest="tls_client_ca_file",
+                        help="the CA that signs client certificates (PEM)")
+    parser.add_argument("--admin-subjects", dest="admin_subjects",
+                        help="client certificate common names that may call admin methods (default tensoryard-admin)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,7 +84,15 @@ def _parser() -> argparse.ArgumentParser:
     registry.add_argument("--host")
     registry.add_argument("--port", type=int)
     registry.add_argument("--data-dir", type=Path, dest="data_dir")
+    registry.add_argument("--database-url", dest="database_url",
+                          help="metadata: sqlite:///abs/path or postgresql://user@host:port/db "
+                               "(default: a SQLite file in --data-dir)")
+    registry.add_argument("--blob-store", dest="blob_store",
+                          help="blobs: s3://bucket/prefix (default: --data-dir/blobs on local disk)")
+    registry.add_argument("--s3-endpoint-url", dest="s3_endpoint_url",
+                          help="S3-compatible endpoint for --blob-store (default: AWS)")
     _add_admin_token_flag(registry)
+    _add_admin_tls_flags(registry)
     _add_telemetry_flags(registry)
 
     router = sub.add_parser("router", help="run the router (inference.GRPCInferenceService)")
@@ -127,28 +147,10 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-message-bytes", type=int, dest="max_message_bytes",
                         help="largest request or response message (default 64 MiB)")
     _add_admin_token_flag(worker)
+    _add_admin_tls_flags(worker)
     _add_telemetry_flags(worker)
 
-    models = sub.add_parser("models", help="manage models in the registry")
-    models_sub = models.add_subparsers(dest="models_command", required=True)
-    register = models_sub.add_parser("register", help="upload a model folder as a new version")
-    register.add_argument("name")
-    register.add_argument("folder", type=Path)
-    register.add_argument("--task", required=True, choices=("embedding", "generation", "tensor"))
-    register.add_argument("--config-json", default="{}", help="serving config, e.g. '{\"max_batch_size\": 32}'")
-    register.add_argument("--description", default="")
-    register.add_argument("--registry", default="127.0.0.1:7070")
-    _add_admin_token_flag(register)
-    importing = models_sub.add_parser("import", help="import a GGUF file (Llama family) and register it")
-    importing.add_argument("gguf", type=Path)
-    importing.add_argument("--name", required=True)
-    importing.add_argument("--work-dir", type=Path, default=Path(".tensoryard/imports"),
-                           help="where the converted safetensors folder is kept")
-    importing.add_argument("--config-json", default="{}", help="serving config, e.g. '{\"max_num_seqs\": 32}'")
-    importing.add_argument("--registry", default="127.0.0.1:7070")
-    _add_admin_token_flag(importing)
-    listing = models_sub.add_parser("list", help="list models and versions")
-    listing.add_argument("--registry", default="127.0.0.1:7070")
+    add_models_commands(sub, _add_admin_token_flag)
 
     status = sub.add_parser(
         "status", help="live view of models, replicas and their figures, from the processes' metrics",
@@ -205,40 +207,6 @@ def _run_service(args: argparse.Namespace, env: dict[str, str]) -> int:
     return asyncio.run(serve(config)) or 0
 
 
-def _run_models(args: argparse.Namespace, env: dict[str, str]) -> int:
-    import grpc
-
-    from protos.tensoryard.v1 import registry_pb2, registry_pb2_grpc
-    from services.common.admin_auth import admin_channel, client_admin_token
-    from services.registry.client import register_folder
-
-    token = client_admin_token(env, getattr(args, "admin_token_file", None))
-    with grpc.insecure_channel(args.registry) as plain_channel:
-        channel = admin_channel(plain_channel, token)
-        if args.models_command == "import":
-            from services.model_import import import_and_register
-
-            version, created = import_and_register(
-                channel, args.name, args.gguf, args.work_dir, json.loads(args.config_json),
-                description=f"imported from {args.gguf.name}",
-            )
-            state = "registered" if created else "unchanged, already registered as"
-            print(f"{args.name}: {state} version {version.version} ({len(version.files)} files)")
-            return 0
-        if args.models_command == "register":
-            version, created = register_folder(
-                channel, args.name, args.task, args.folder, json.loads(args.config_json), args.description
-            )
-            state = "registered" if created else "unchanged, already registered as"
-            print(f"{args.name}: {state} version {version.version} ({len(version.files)} files)")
-            return 0
-        stub = registry_pb2_grpc.ModelRegistryStub(channel)
-        for model in stub.ListModels(registry_pb2.ListModelsRequest()).models:
-            versions = ", ".join(str(v) for v in model.versions) or "none"
-            print(f"{model.name}\t{model.task}\tversions: {versions}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     env = dict(os.environ)
@@ -266,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             return Launcher(options, env).run()
         if args.command == "models":
-            return _run_models(args, env)
+            from services.models_cli import run_models_command
+
+            return run_models_command(args, env)
         if args.command == "status":
             from services.launcher import default_home
             from services.status.command import StatusOptions, run

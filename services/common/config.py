@@ -56,18 +56,44 @@ class AdminConfig:
     # --admin-token-file. Neither: admin methods are open.
     admin_token: str = ""
     admin_token_file: Path | None = None
+    # The admin TLS port (services/common/tls.py): -1 none; else mTLS there, admin methods for
+    # client certificates whose subject CN is in admin_subjects.
+    admin_tls_port: int = -1
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    admin_subjects: str = "tensoryard-admin"  # comma-separated
 
     def __post_init__(self) -> None:
         if self.admin_token and self.admin_token_file is not None:
             raise ValueError("admin_token and admin_token_file: give one, not both")
+        files = (self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+        if self.admin_tls_port >= 0 and None in files:
+            raise ValueError("the admin TLS port needs --tls-cert, --tls-key and --tls-client-ca")
+
+    def admin_tls(self):
+        """The admin TLS listener's settings, or None when there is none."""
+        if self.admin_tls_port < 0:
+            return None
+        from services.common.tls import AdminTlsConfig
+
+        return AdminTlsConfig(self.admin_tls_port, self.tls_cert_file, self.tls_key_file,
+                              self.tls_client_ca_file,
+                              frozenset(name.strip() for name in self.admin_subjects.split(",") if name.strip()))
 
 
 @dataclass(frozen=True, slots=True)
 class RegistryConfig:
     host: str = "127.0.0.1"
     port: int = 7070
-    # SQLite database and the blob directory live here.
+    # SQLite database, the blob directory and the resumable-upload spool live here.
     data_dir: Path = Path(".tensoryard/registry")
+    # Metadata: "" (data_dir/registry.sqlite3), sqlite:///abs/path or postgresql://user@host:port/db.
+    database_url: str = ""
+    # Blobs: "" (data_dir/blobs), or s3://bucket/prefix (credentials: the standard AWS variables).
+    blob_store: str = ""
+    # An S3-compatible endpoint instead of AWS's (MinIO, moto, ...).
+    s3_endpoint_url: str = ""
     # Discovery leases expire this long after the last heartbeat unless the instance asks for
     # another TTL.
     default_lease_ttl_ms: int = 10_000

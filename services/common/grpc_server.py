@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import access_log, errors, tracing
 from services.common.admin_auth import AdminTokenInterceptor
+from services.common.tls import AdminTlsConfig
 from services.common.request_decoding import cancelled_for_bad_message, checked_request, tolerant_deserializer
 from services.common.telemetry import GRPC_LATENCY, GRPC_REQUESTS, get_logger
 
@@ -242,12 +243,16 @@ class GrpcHost:
     """
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra_options=(), role: str = "",
-                 instance_id: str = "", admin_token: str = ""):
+                 instance_id: str = "", admin_token: str = "", admin_tls: AdminTlsConfig | None = None):
         # The admin check sits inside the error interceptor, so refused calls are counted and
-        # logged too; with no token there is no check at all (admin_auth.py).
+        # logged too; with neither a token nor an admin TLS port there is no check at all
+        # (admin_auth.py).
         interceptors = [ErrorInterceptor(role, instance_id)]
-        if admin_token:
-            interceptors.append(AdminTokenInterceptor(admin_token))
+        self._admin_tls = admin_tls
+        self.admin_tls_port: int | None = None
+        if admin_token or admin_tls is not None:
+            subjects = admin_tls.admin_subjects if admin_tls is not None else frozenset()
+            interceptors.append(AdminTokenInterceptor(admin_token, admin_subjects=subjects))
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[*message_size_options(max_message_bytes), *extra_options],
@@ -272,6 +277,12 @@ class GrpcHost:
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise errors.Unavailable(f"cannot listen on {host}:{port} (in use?)")
+        if self._admin_tls is not None:
+            tls_port = self._admin_tls.port
+            self.admin_tls_port = self.server.add_secure_port(f"{host}:{tls_port}",
+                                                              self._admin_tls.server_credentials())
+            if self.admin_tls_port == 0:
+                raise errors.Unavailable(f"cannot listen on {host}:{tls_port} for admin TLS (in use?)")
         await self.set_serving(False)
         await self.server.start()
         return self.port

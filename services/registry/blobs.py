@@ -1,6 +1,10 @@
-"""Content-addressed blob directory: every artifact byte the registry serves lives here.
+"""Content-addressed blobs: every artifact byte the registry serves lives in a `BlobStore`.
 
-Layout: `root/sha256/ab/cdef...`, the first two hex digits of the sha256 as a folder and the
+Two stores: `LocalBlobStore` (this module, a folder on local disk) and `S3BlobStore`
+(services/registry/s3_blobs.py, keys `prefix/sha256/ab/cdef...`). Both hash while they write and
+make a blob visible only whole, so a name that exists always holds its content.
+
+Local layout: `root/sha256/ab/cdef...`, the first two hex digits of the sha256 as a folder and the
 other 62 as the file name, so no folder grows past a few thousand entries. A blob's name is its
 content, which makes writes idempotent and lets a reader verify what it got.
 
@@ -18,7 +22,7 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from services.common.errors import InvalidArgument, NotFound
 
@@ -37,13 +41,40 @@ def validate_sha256(sha256_hex: object) -> str:
     return sha256_hex
 
 
-class BlobStore:
+class BlobStore(Protocol):
+    def describe(self) -> str:
+        """Where the blobs live, for log lines."""
+
+    def exists(self, sha256_hex: str) -> bool: ...
+
+    def size_bytes(self, sha256_hex: str) -> int:
+        """NotFound when the blob is missing."""
+
+    def iter_chunks(self, sha256_hex: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+        """NotFound at the call (not on the first next()) when the blob is missing."""
+
+    def verify(self, sha256_hex: str) -> bool:
+        """Whether the stored bytes still hash to their name."""
+
+    def put_stream(self, chunks: Iterable[bytes]) -> tuple[str, int]:
+        """Store the concatenated chunks; (sha256_hex, size_bytes). Idempotent."""
+
+    def put_file(self, path: Path) -> tuple[str, int]: ...
+
+    def delete(self, sha256_hex: str) -> None:
+        """Remove the blob if present (the store calls this only once no version uses it)."""
+
+
+class LocalBlobStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._blobs_dir = self.root / "sha256"
         self._tmp_dir = self.root / "tmp"
         self._blobs_dir.mkdir(parents=True, exist_ok=True)
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def describe(self) -> str:
+        return str(self.root)
 
     def path_for(self, sha256_hex: str) -> Path:
         sha256_hex = validate_sha256(sha256_hex)
@@ -75,7 +106,7 @@ class BlobStore:
         if chunk_bytes <= 0:
             raise InvalidArgument(f"chunk_bytes must be positive, got {chunk_bytes}")
         blob = self.open(sha256_hex)
-        return _read_chunks(blob, chunk_bytes)
+        return read_chunks(blob, chunk_bytes)
 
     def verify(self, sha256_hex: str) -> bool:
         """Whether the stored bytes still hash to their name (catches disk corruption)."""
@@ -108,7 +139,7 @@ class BlobStore:
             # Read-only: a blob's bytes are its name, nothing may rewrite them in place.
             tmp_path.chmod(0o444)
             os.replace(tmp_path, final_path)
-            _fsync_dir(final_path.parent)
+            fsync_dir(final_path.parent)
             return sha256_hex, size_bytes
         except BaseException:
             tmp_path.unlink(missing_ok=True)
@@ -116,16 +147,22 @@ class BlobStore:
 
     def put_file(self, path: Path) -> tuple[str, int]:
         with open(path, "rb") as source:
-            return self.put_stream(_read_chunks(source, DEFAULT_CHUNK_BYTES))
+            return self.put_stream(read_chunks(source, DEFAULT_CHUNK_BYTES))
+
+    def delete(self, sha256_hex: str) -> None:
+        path = self.path_for(sha256_hex)
+        path.unlink(missing_ok=True)
+        if path.parent.is_dir():
+            fsync_dir(path.parent)
 
 
-def _read_chunks(file: BinaryIO, chunk_bytes: int) -> Iterator[bytes]:
+def read_chunks(file: BinaryIO, chunk_bytes: int) -> Iterator[bytes]:
     with file:
         while chunk := file.read(chunk_bytes):
             yield chunk
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # The rename is durable only once the folder entry itself reaches the disk.
     fd = os.open(directory, os.O_RDONLY)
     try:

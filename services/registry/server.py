@@ -10,20 +10,41 @@ from services.common.gc_tuning import freeze_startup_objects
 from services.common.config import RegistryConfig
 from services.common.grpc_server import GrpcHost, install_signal_handlers
 from services.common.telemetry import get_logger, start_metrics_server
-from services.registry.blobs import BlobStore
+from services.registry.blobs import BlobStore, LocalBlobStore
+from services.registry.database import open_database
 from services.registry.discovery import DiscoveryCatalog
 from services.registry.servicer import DiscoveryServicer, ModelRegistryServicer
 from services.registry.store import ModelStore
+from services.registry.uploads import UploadSpool
+from services.rollout.guard import store_guard
 
 log = get_logger(__name__)
 
 LEASE_SWEEP_INTERVAL_S = 0.25
 
 
+def open_blob_store(config: RegistryConfig) -> BlobStore:
+    if not config.blob_store:
+        return LocalBlobStore(config.data_dir / "blobs")
+    from services.registry.s3_blobs import S3BlobStore
+
+    return S3BlobStore(config.blob_store, config.data_dir / "s3-spool", config.s3_endpoint_url)
+
+
 def open_store(config: RegistryConfig) -> tuple[ModelStore, BlobStore]:
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    blobs = BlobStore(config.data_dir / "blobs")
-    return ModelStore(config.data_dir / "registry.sqlite3", blobs), blobs
+    blobs = open_blob_store(config)
+    database = open_database(config.database_url, config.data_dir / "registry.sqlite3")
+    return ModelStore(database, blobs), blobs
+
+
+def check_store(store: ModelStore) -> None:
+    """Sizes only (rehashing every blob would hold up the start by minutes); VerifyStore rehashes."""
+    report = store.verify(rehash=False)
+    for problem in report.problems:
+        log.error("store_problem", problem=problem)
+    log.info("store_checked", num_versions=report.num_versions, num_blobs=report.num_blobs,
+             num_problems=len(report.problems), database=store.database.url, blobs=store.blobs.describe())
 
 
 async def _expire_leases(catalog: DiscoveryCatalog) -> None:
@@ -38,12 +59,14 @@ async def serve(config: RegistryConfig, stop: asyncio.Event | None = None) -> No
     their own event loop)."""
     metrics_port = start_metrics_server(config.telemetry, config.host)
     store, blobs = open_store(config)
+    await asyncio.to_thread(check_store, store)
+    uploads = UploadSpool(config.data_dir / "uploads", blobs)
     catalog = DiscoveryCatalog()
-    host = GrpcHost(role="registry", admin_token=read_admin_token(
-        config.admin.admin_token, config.admin.admin_token_file))
+    admin_token = read_admin_token(config.admin.admin_token, config.admin.admin_token_file)
+    host = GrpcHost(role="registry", admin_token=admin_token, admin_tls=config.admin.admin_tls())
     host.add_servicer(
         registry_pb2_grpc.add_ModelRegistryServicer_to_server,
-        ModelRegistryServicer(store, blobs),
+        ModelRegistryServicer(store, blobs, uploads, admin_token),
         "tensoryard.v1.ModelRegistry",
     )
     host.add_servicer(
@@ -55,7 +78,12 @@ async def serve(config: RegistryConfig, stop: asyncio.Event | None = None) -> No
     freeze_startup_objects()
     await host.set_serving(True)
     sweeper = asyncio.create_task(_expire_leases(catalog))
+    # Watches canaries through the routers' metrics and rolls back breaches (services/rollout/guard.py);
+    # idle while no policy gives a canary a share. With several registries on one database each
+    # runs one: the policy revision check lets only the first rollback through.
+    guard = asyncio.create_task(store_guard(store, catalog).run())
     log.info("registry_ready", address=f"{config.host}:{port}", metrics_port=metrics_port,
+             admin_tls_port=host.admin_tls_port,
              data_dir=str(config.data_dir))
     if stop is None:
         stop = asyncio.Event()
@@ -63,4 +91,6 @@ async def serve(config: RegistryConfig, stop: asyncio.Event | None = None) -> No
     await stop.wait()
     log.info("registry_stopping")
     sweeper.cancel()
+    guard.cancel()
     await host.stop(grace_s=2.0)
+    store.close()

@@ -1,110 +1,88 @@
-"""The registry's metadata: models and their immutable, numbered versions, on SQLite.
+"""The registry's metadata: models, immutable numbered versions, aliases, traffic policies,
+deployments and the audit log, on SQLite or PostgreSQL (services/registry/database.py).
 
-A version names its files by sha256; the bytes live in the `BlobStore`, which must hold every
-blob before a version may point at it, so a committed version is always servable.
+A version names its files by sha256; the bytes live in the `BlobStore`. Publishing is crash
+safe by order: blobs are written (hashed, whole) first; the version row is inserted only inside
+a transaction that has just checked every blob is present with its size, and that transaction
+also writes the version's files, metadata, lineage and its audit entry. A kill -9 at any moment
+leaves either no version or a complete one. Aliases and deployments point at versions through
+foreign keys, so neither can name a version that is not there.
 
-Threads share one connection behind a lock rather than one connection per thread: registry
-metadata calls take microseconds, a lock makes each transaction serializable without SQLITE_BUSY
-retries inside the process, and thread pools (grpc, asyncio.to_thread) would otherwise leave a
-connection behind on every worker thread. WAL mode still matters: another process (the CLI
-reading `models list`, a second registry during a restart) reads without blocking our writer.
-Writes use BEGIN IMMEDIATE so that even across processes the next version number is computed
-and inserted under one write lock.
+Every change writes its audit row in the same transaction as the change, with the actor the
+caller names ("admin-token", "anonymous", "local", "controller").
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from services.common.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-)
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.registry import version_rows
 from services.registry.blobs import BlobStore
+from services.registry.database import Connection, Database, SqliteDatabase
 from services.registry.records import (
+    AliasRecord,
+    AuditEntry,
+    DeploymentRecord,
     FileRecord,
+    Lineage,
     ModelRecord,
-    Task,
+    VersionMetadata,
     VersionRecord,
     canonical_config_json,
+    check_link_stays_inside,
+    parse_version_ref,
+    validate_alias_name,
+    validate_audit_action,
     validate_model_name,
     validate_task,
 )
+from services.registry.schema import SCHEMA_VERSION
+from services.registry.traffic import TrafficPolicy, validate_policy
 
-# Entry i upgrades the schema from version i to i + 1; append, never edit.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE models (
-            name         TEXT PRIMARY KEY,
-            task         TEXT NOT NULL CHECK (task IN ('embedding', 'generation', 'tensor')),
-            description  TEXT NOT NULL,
-            created_at_s REAL NOT NULL
-        )""",
-        """CREATE TABLE versions (
-            model_name   TEXT NOT NULL REFERENCES models (name),
-            version      INTEGER NOT NULL CHECK (version >= 1),
-            config_json  TEXT NOT NULL,
-            created_at_s REAL NOT NULL,
-            PRIMARY KEY (model_name, version)
-        )""",
-        """CREATE TABLE version_files (
-            model_name TEXT NOT NULL,
-            version    INTEGER NOT NULL,
-            path       TEXT NOT NULL,
-            sha256     TEXT NOT NULL,
-            size_bytes INTEGER NOT NULL CHECK (size_bytes >= 0),
-            PRIMARY KEY (model_name, version, path),
-            FOREIGN KEY (model_name, version) REFERENCES versions (model_name, version)
-        )""",
-        # Which versions use a blob: what a garbage collector asks before deleting one.
-        "CREATE INDEX version_files_by_sha256 ON version_files (sha256)",
-        # Versions are immutable: a deployed version must mean the same bytes forever.
-        """CREATE TRIGGER versions_are_immutable BEFORE UPDATE ON versions
-            BEGIN SELECT RAISE(ABORT, 'model versions are immutable'); END""",
-        """CREATE TRIGGER version_files_are_immutable BEFORE UPDATE ON version_files
-            BEGIN SELECT RAISE(ABORT, 'model versions are immutable'); END""",
-    ),
-)
-SCHEMA_VERSION = len(_MIGRATIONS)
+__all__ = ["SCHEMA_VERSION", "ModelStore", "ModelSummary", "VerifyReport"]
+
+MAX_REPLICAS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSummary:
+    model: ModelRecord
+    versions: tuple[int, ...]
+    aliases: tuple[AliasRecord, ...]
+    traffic_policy: TrafficPolicy | None
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    num_versions: int
+    num_blobs: int
+    problems: tuple[str, ...]  # each a sentence naming model, version, file and blob
 
 
 class ModelStore:
     def __init__(
         self,
-        db_path: Path,
+        database: Database | Path,
         blobs: BlobStore,
         clock: Callable[[], float] = time.time,
-        busy_timeout_s: float = 10.0,
     ):
+        # A path is the embedded default: a SQLite file.
+        self._db = database if hasattr(database, "run") else SqliteDatabase(Path(database))
         self.blobs = blobs
         self._clock = clock
-        self._lock = threading.RLock()
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves. The sqlite3 module's implicit
-        # transactions are deferred, and a deferred transaction that reads and then writes fails
-        # at once with SQLITE_BUSY (no waiting) if another process committed in between.
-        self._conn = sqlite3.connect(
-            db_path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
-        try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
-        except BaseException:
-            self._conn.close()
-            raise
+
+    @property
+    def database(self) -> Database:
+        return self._db
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
     def __enter__(self) -> ModelStore:
         return self
@@ -114,68 +92,119 @@ class ModelStore:
 
     # -- models ---------------------------------------------------------------------------
 
-    def create_model(self, name: str, task: str, description: str = "") -> ModelRecord:
+    def create_model(self, name: str, task: str, description: str = "", actor: str = "local") -> ModelRecord:
         record = self._new_model_record(name, task, description)
-        with self._transaction(write=True) as conn:
-            if self._model_row(conn, name) is not None:
+
+        def work(conn: Connection) -> ModelRecord:
+            if version_rows.model_row(conn, name) is not None:
                 raise AlreadyExists(f"model {name!r} already exists")
-            self._insert_model(conn, record)
-        return record
+            self._insert_model(conn, record, actor)
+            return record
+
+        return self._db.run(work, write=True)
 
     def get_model(self, name: str) -> ModelRecord:
         validate_model_name(name)
-        with self._transaction(write=False) as conn:
-            return self._require_model(conn, name)
+        return self._db.run(lambda conn: version_rows.require_model(conn, name), write=False)
 
     def list_models(self) -> list[ModelRecord]:
-        with self._transaction(write=False) as conn:
-            rows = conn.execute(
-                "SELECT name, task, description, created_at_s FROM models ORDER BY name"
-            ).fetchall()
-        return [_model_from_row(row) for row in rows]
+        return self._db.run(version_rows.all_models, write=False)
+
+    def describe_model(self, name: str) -> ModelSummary:
+        """The model with its version numbers, aliases and traffic policy, read at one instant."""
+        validate_model_name(name)
+        return self._db.run(lambda conn: self._summary(conn, version_rows.require_model(conn, name)), write=False)
+
+    def describe_models(self) -> list[ModelSummary]:
+        return self._db.run(
+            lambda conn: [self._summary(conn, model) for model in version_rows.all_models(conn)], write=False
+        )
+
+    def _summary(self, conn: Connection, model: ModelRecord) -> ModelSummary:
+        return ModelSummary(
+            model,
+            tuple(version_rows.version_numbers(conn, model.name)),
+            tuple(version_rows.aliases(conn, model.name)),
+            version_rows.traffic_policy(conn, model.name),
+        )
 
     # -- versions -------------------------------------------------------------------------
 
     def add_version(
-        self, model_name: str, files: Sequence[FileRecord], config: dict
+        self,
+        model_name: str,
+        files: Sequence[FileRecord],
+        config: dict,
+        metadata: VersionMetadata | None = None,
+        lineage: Lineage | None = None,
+        gate: dict | None = None,
+        actor: str = "local",
     ) -> VersionRecord:
-        """Append version `latest + 1` of `model_name`; its blobs must already be stored."""
+        """Publish version `latest + 1` of `model_name`; its blobs must already be stored."""
         validate_model_name(model_name)
-        files, config_json = self._checked_version_inputs(files, config)
-        with self._transaction(write=True) as conn:
-            self._require_model(conn, model_name)
-            return self._insert_version(conn, model_name, files, config_json)
+        draft = self._draft(model_name, files, config, metadata, lineage, gate)
+
+        def work(conn: Connection) -> VersionRecord:
+            version_rows.require_model(conn, model_name)
+            return self._publish(conn, draft, actor)
+
+        return self._db.run(work, write=True)
 
     def get_version(self, model_name: str, version: int | None = None) -> VersionRecord:
         """Version `version` of `model_name`, or its latest version when `version` is None."""
         validate_model_name(model_name)
         if version is not None and (type(version) is not int or version < 1):
             raise InvalidArgument(f"version must be a positive integer, got {version!r}")
-        with self._transaction(write=False) as conn:
-            self._require_model(conn, model_name)
-            latest = self._latest_version_number(conn, model_name)
+        return self._db.run(lambda conn: self._read_version(conn, model_name, version or 0), write=False)
+
+    def get_version_by_ref(self, model_name: str, ref: str) -> VersionRecord:
+        """The version `ref` names: a number, an alias, or "" for the latest."""
+        validate_model_name(model_name)
+        reference = parse_version_ref(ref)
+        return self._db.run(lambda conn: self._read_version(conn, model_name, reference), write=False)
+
+    def _read_version(self, conn: Connection, model_name: str, reference: int | str) -> VersionRecord:
+        number = self._resolve(conn, model_name, reference)
+        record = version_rows.load_version(conn, model_name, number)
+        if record is None:
+            latest = version_rows.latest_version_number(conn, model_name)
+            raise NotFound(f"model {model_name!r} has no version {number} (latest is {latest})")
+        return record
+
+    @staticmethod
+    def _resolve(conn: Connection, model_name: str, reference: int | str) -> int:
+        version_rows.require_model(conn, model_name)
+        if isinstance(reference, str):
+            number = version_rows.alias_version(conn, model_name, reference)
+            if number is None:
+                raise NotFound(f"model {model_name!r} has no alias {reference!r}")
+            return number
+        if reference == 0:
+            latest = version_rows.latest_version_number(conn, model_name)
             if latest == 0:
                 raise NotFound(f"model {model_name!r} has no versions")
-            record = self._load_version(conn, model_name, version or latest)
-            if record is None:
-                raise NotFound(
-                    f"model {model_name!r} has no version {version} (latest is {latest})"
-                )
-            return record
+            return latest
+        return reference
 
     def list_versions(self, model_name: str) -> list[VersionRecord]:
         validate_model_name(model_name)
-        with self._transaction(write=False) as conn:
-            self._require_model(conn, model_name)
-            numbers = self._version_numbers(conn, model_name)
-            return [self._load_version(conn, model_name, number) for number in numbers]
+
+        def work(conn: Connection) -> list[VersionRecord]:
+            version_rows.require_model(conn, model_name)
+            numbers = version_rows.version_numbers(conn, model_name)
+            return [version_rows.load_version(conn, model_name, number) for number in numbers]
+
+        return self._db.run(work, write=False)
 
     def version_numbers(self, model_name: str) -> list[int]:
         """Ascending version numbers of `model_name`, without loading their file lists."""
         validate_model_name(model_name)
-        with self._transaction(write=False) as conn:
-            self._require_model(conn, model_name)
-            return self._version_numbers(conn, model_name)
+
+        def work(conn: Connection) -> list[int]:
+            version_rows.require_model(conn, model_name)
+            return version_rows.version_numbers(conn, model_name)
+
+        return self._db.run(work, write=False)
 
     def import_folder(
         self,
@@ -184,6 +213,9 @@ class ModelStore:
         folder: Path,
         config: dict,
         description: str = "",
+        metadata: VersionMetadata | None = None,
+        lineage: Lineage | None = None,
+        actor: str = "local",
     ) -> VersionRecord:
         """Store every non-hidden file under `folder` and register them as a version.
 
@@ -195,60 +227,256 @@ class ModelStore:
         folder = Path(folder)
         if not folder.is_dir():
             raise InvalidArgument(f"cannot import model {model_name!r}: {folder} is not a folder")
-        # Blobs first and outside the lock: hashing gigabytes must not stall other callers.
+        # Blobs first and outside any transaction: hashing gigabytes must not stall others.
         file_records = [
             FileRecord(relative_path, *self.blobs.put_file(folder / relative_path))
             for relative_path in _visible_files(folder)
         ]
         if not file_records:
             raise InvalidArgument(f"cannot import model {model_name!r}: {folder} has no files")
-        files, config_json = self._checked_version_inputs(file_records, config)
-        with self._transaction(write=True) as conn:
-            existing = self._model_row(conn, model_name)
+        lineage = lineage or Lineage(source_kind="folder", source_uri=str(folder.resolve()))
+        draft = self._draft(model_name, file_records, config, metadata, lineage, None)
+
+        def work(conn: Connection) -> VersionRecord:
+            existing = version_rows.model_row(conn, model_name)
             if existing is None:
-                self._insert_model(conn, new_model)
+                self._insert_model(conn, new_model, actor)
             elif existing.task != new_model.task:
                 raise FailedPrecondition(
                     f"model {model_name!r} exists with task {existing.task.value!r}, "
                     f"not {new_model.task.value!r}"
                 )
-            latest = self._latest_version_number(conn, model_name)
+            conn.lock_model(model_name)
+            latest = version_rows.latest_version_number(conn, model_name)
             if latest:
-                current = self._load_version(conn, model_name, latest)
-                if _same_content(current, files, config_json):
+                current = version_rows.load_version(conn, model_name, latest)
+                if _same_content(current, draft):
                     return current
-            return self._insert_version(conn, model_name, files, config_json)
+            return self._publish(conn, draft, actor)
+
+        return self._db.run(work, write=True)
+
+    def delete_version(self, model_name: str, version: int, actor: str = "local") -> None:
+        """Remove a version no alias, traffic policy or deployment uses; then the blobs that no
+        other version uses."""
+        validate_model_name(model_name)
+        _check_version_number(version)
+
+        def work(conn: Connection) -> list[str]:
+            conn.lock_model(model_name)
+            record = self._read_version(conn, model_name, version)
+            _refuse_if_in_use(conn, model_name, version)
+            version_rows.delete_version_rows(conn, model_name, version)
+            self._audit(conn, actor, "version.delete", model_name, version, {"files": len(record.files)})
+            return sorted({file.sha256 for file in record.files})
+
+        self._remove_unused_blobs(self._db.run(work, write=True))
+
+    def _remove_unused_blobs(self, sha256s: Iterable[str]) -> None:
+        def work(conn: Connection) -> None:
+            # Exclusive against publishers, who hold it shared while they check their blobs.
+            conn.lock_blobs(exclusive=True)
+            for sha256 in sha256s:
+                if not version_rows.blob_in_use(conn, sha256):
+                    self.blobs.delete(sha256)
+
+        self._db.run(work, write=True)
+
+    # -- aliases --------------------------------------------------------------------------
+
+    def set_alias(
+        self, model_name: str, name: str, version: int, reason: str = "", actor: str = "local"
+    ) -> AliasRecord:
+        validate_model_name(model_name)
+        validate_alias_name(name)
+        _check_version_number(version)
+        record = AliasRecord(model_name, name, version, self._clock())
+
+        def work(conn: Connection) -> AliasRecord:
+            conn.lock_model(model_name)
+            self._read_version(conn, model_name, version)
+            previous = version_rows.alias_version(conn, model_name, name)
+            version_rows.upsert_alias(conn, record)
+            details = {"alias": name, "previous_version": previous, "reason": reason}
+            self._audit(conn, actor, "alias.set", model_name, version, details)
+            return record
+
+        return self._db.run(work, write=True)
+
+    def delete_alias(self, model_name: str, name: str, reason: str = "", actor: str = "local") -> None:
+        validate_model_name(model_name)
+        validate_alias_name(name)
+
+        def work(conn: Connection) -> None:
+            conn.lock_model(model_name)
+            version = self._resolve(conn, model_name, name)
+            conn.execute("DELETE FROM aliases WHERE model_name = ? AND name = ?", (model_name, name))
+            self._audit(conn, actor, "alias.delete", model_name, version, {"alias": name, "reason": reason})
+
+        self._db.run(work, write=True)
+
+    def list_aliases(self, model_name: str) -> list[AliasRecord]:
+        validate_model_name(model_name)
+
+        def work(conn: Connection) -> list[AliasRecord]:
+            version_rows.require_model(conn, model_name)
+            return version_rows.aliases(conn, model_name)
+
+        return self._db.run(work, write=False)
+
+    # -- traffic policy -------------------------------------------------------------------
+
+    def get_traffic_policy(self, model_name: str) -> TrafficPolicy:
+        validate_model_name(model_name)
+
+        def work(conn: Connection) -> TrafficPolicy:
+            version_rows.require_model(conn, model_name)
+            policy = version_rows.traffic_policy(conn, model_name)
+            if policy is None:
+                raise NotFound(f"model {model_name!r} has no traffic policy")
+            return policy
+
+        return self._db.run(work, write=False)
+
+    def set_traffic_policy(
+        self, policy: TrafficPolicy, expected_revision: int = 0, reason: str = "", actor: str = "local",
+        audit_action: str = "traffic.set", audit_details: dict | None = None,
+    ) -> TrafficPolicy:
+        """Store `policy` at the next revision; with `expected_revision` > 0, only if the stored
+        revision still equals it (FailedPrecondition otherwise: read it again). The audit entry
+        (`audit_action`, e.g. "rollback", with `audit_details` added) is written in the same
+        transaction: no rollback without its reason on record."""
+        validate_model_name(policy.model_name)
+        validate_policy(policy)
+        if type(expected_revision) is not int or expected_revision < 0:
+            raise InvalidArgument(f"expected_revision must be >= 0, got {expected_revision!r}")
+        model_name = policy.model_name
+
+        def work(conn: Connection) -> TrafficPolicy:
+            version_rows.require_model(conn, model_name)
+            conn.lock_model(model_name)
+            current = version_rows.traffic_policy(conn, model_name)
+            revision = current.revision if current else 0
+            if expected_revision and expected_revision != revision:
+                raise FailedPrecondition(
+                    f"traffic policy of {model_name!r} is at revision {revision}, not "
+                    f"{expected_revision}: read it again and retry"
+                )
+            existing = set(version_rows.version_numbers(conn, model_name))
+            missing = sorted(policy.versions - existing)
+            if missing:
+                raise NotFound(f"traffic policy names versions {missing} that model {model_name!r} does not have")
+            stored = replace(policy, revision=revision + 1, updated_at_s=self._clock())
+            version_rows.upsert_traffic_policy(conn, stored)
+            details = {**(audit_details or {}), "revision": stored.revision, "policy": stored.to_json_dict(),
+                       "reason": reason}
+            self._audit(conn, actor, audit_action, model_name, stored.stable_version, details)
+            return stored
+
+        return self._db.run(work, write=True)
+
+    # -- deployments ----------------------------------------------------------------------
+
+    def set_deployment(
+        self, model_name: str, version: int, replicas: int, reason: str = "", actor: str = "local"
+    ) -> DeploymentRecord:
+        validate_model_name(model_name)
+        _check_version_number(version)
+        if type(replicas) is not int or not 0 <= replicas <= MAX_REPLICAS:
+            raise InvalidArgument(f"replicas must be 0..{MAX_REPLICAS}, got {replicas!r}")
+        record = DeploymentRecord(model_name, version, replicas, self._clock())
+
+        def work(conn: Connection) -> DeploymentRecord:
+            conn.lock_model(model_name)
+            self._read_version(conn, model_name, version)
+            version_rows.put_deployment(conn, record)
+            details = {"replicas": replicas, "reason": reason}
+            self._audit(conn, actor, "deployment.set", model_name, version, details)
+            return record
+
+        return self._db.run(work, write=True)
+
+    def list_deployments(self, model_name: str = "") -> list[DeploymentRecord]:
+        if model_name:
+            validate_model_name(model_name)
+
+        def work(conn: Connection) -> list[DeploymentRecord]:
+            if model_name:
+                version_rows.require_model(conn, model_name)
+            return version_rows.deployments(conn, model_name)
+
+        return self._db.run(work, write=False)
+
+    # -- audit ----------------------------------------------------------------------------
+
+    def append_audit(
+        self, action: str, model_name: str = "", version: int = 0, details: dict | None = None,
+        actor: str = "local",
+    ) -> AuditEntry:
+        """An entry for what happened outside the store (gate results, rollbacks)."""
+        validate_audit_action(action)
+        details = _checked_details(details)
+        if version and not model_name:
+            raise InvalidArgument("an audit entry that names a version must name its model")
+
+        def work(conn: Connection) -> AuditEntry:
+            if model_name:
+                validate_model_name(model_name)
+                version_rows.require_model(conn, model_name)
+            return self._audit(conn, actor, action, model_name, version, details)
+
+        return self._db.run(work, write=True)
+
+    def list_audit(self, model_name: str = "", after_sequence: int = 0, limit: int = 0) -> list[AuditEntry]:
+        if model_name:
+            validate_model_name(model_name)
+        if after_sequence < 0 or limit < 0:
+            raise InvalidArgument("after_sequence and limit must be >= 0")
+        return self._db.run(
+            lambda conn: version_rows.audit_entries(conn, model_name, after_sequence, limit), write=False
+        )
+
+    def _audit(
+        self, conn: Connection, actor: str, action: str, model_name: str, version: int, details: dict
+    ) -> AuditEntry:
+        conn.lock_audit()
+        at_s = self._clock()
+        details_json = json.dumps(details, sort_keys=True, separators=(",", ":"))
+        rows = conn.execute(
+            "INSERT INTO audit (at_s, actor, action, model_name, version, details_json) "
+            "VALUES (?, ?, ?, ?, ?, ?) RETURNING sequence",
+            (at_s, actor, action, model_name, version, details_json),
+        )
+        return AuditEntry(rows[0][0], at_s, actor, action, model_name, version, details)
+
+    # -- verification ---------------------------------------------------------------------
+
+    def verify(self, rehash: bool = False) -> VerifyReport:
+        """Every version's blobs present with their size (and, with `rehash`, their sha256)."""
+        files = self._db.run(version_rows.all_version_files, write=False)
+        problems: list[str] = []
+        checked: dict[str, str | None] = {}  # sha256 -> problem (None: fine)
+        versions = set()
+        for model_name, version, file in files:
+            versions.add((model_name, version))
+            if file.sha256 not in checked:
+                checked[file.sha256] = self._blob_problem(file, rehash)
+            if checked[file.sha256] is not None:
+                problems.append(f"model {model_name} version {version}: file {file.path}: {checked[file.sha256]}")
+        return VerifyReport(len(versions), len(checked), tuple(problems))
+
+    def _blob_problem(self, file: FileRecord, rehash: bool) -> str | None:
+        try:
+            size_bytes = self.blobs.size_bytes(file.sha256)
+        except NotFound:
+            return f"blob {file.sha256} missing"
+        if size_bytes != file.size_bytes:
+            return f"blob {file.sha256} holds {size_bytes} bytes, not {file.size_bytes}"
+        if rehash and not self.blobs.verify(file.sha256):
+            return f"blob {file.sha256} does not hash to its name (corrupted)"
+        return None
 
     # -- internals ------------------------------------------------------------------------
-
-    @contextmanager
-    def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    def _migrate(self) -> None:
-        with self._transaction(write=True) as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = conn.execute("SELECT version FROM schema_version").fetchone()
-            current = 0 if row is None else row[0]
-            if current > SCHEMA_VERSION:
-                raise FailedPrecondition(
-                    f"registry database schema is version {current}; this tensoryard "
-                    f"understands up to {SCHEMA_VERSION}: upgrade tensoryard"
-                )
-            # One statement at a time: executescript() would COMMIT our transaction first, and
-            # two processes opening a fresh database must not both run the migrations.
-            for statements in _MIGRATIONS[current:]:
-                for statement in statements:
-                    conn.execute(statement)
-            conn.execute("DELETE FROM schema_version")
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
     def _new_model_record(self, name: str, task: str, description: str) -> ModelRecord:
         validate_model_name(name)
@@ -256,10 +484,14 @@ class ModelStore:
             raise InvalidArgument(f"description must be a string, got {type(description).__name__}")
         return ModelRecord(name, validate_task(task), description, self._clock())
 
-    def _checked_version_inputs(
-        self, files: Iterable[FileRecord], config: dict
-    ) -> tuple[tuple[FileRecord, ...], str]:
-        config_json = canonical_config_json(config)
+    def _insert_model(self, conn: Connection, record: ModelRecord, actor: str) -> None:
+        conn.execute(
+            "INSERT INTO models (name, task, description, created_at_s) VALUES (?, ?, ?, ?)",
+            (record.name, record.task.value, record.description, record.created_at_s),
+        )
+        self._audit(conn, actor, "model.create", record.name, 0, {"task": record.task.value})
+
+    def _draft(self, model_name, files, config, metadata, lineage, gate) -> version_rows.VersionDraft:
         files = tuple(files)
         for file in files:
             if not isinstance(file, FileRecord):
@@ -268,108 +500,82 @@ class ModelStore:
         for previous, file in zip(files, files[1:]):
             if previous.path == file.path:
                 raise InvalidArgument(f"file path {file.path!r} is listed twice")
-        for file in files:
-            if not self.blobs.exists(file.sha256):
-                raise FailedPrecondition(
-                    f"file {file.path!r}: blob {file.sha256} is not stored; upload it first"
-                )
-            stored_bytes = self.blobs.size_bytes(file.sha256)
-            if stored_bytes != file.size_bytes:
-                raise InvalidArgument(
-                    f"file {file.path!r}: size_bytes is {file.size_bytes} but blob "
-                    f"{file.sha256} holds {stored_bytes} bytes"
-                )
-        return files, config_json
+        if gate is not None:
+            _checked_details(gate, "gate")
+        return version_rows.VersionDraft(
+            model_name, files, canonical_config_json(config),
+            metadata or VersionMetadata(), lineage or Lineage(), gate or None,
+        )
 
-    @staticmethod
-    def _model_row(conn: sqlite3.Connection, name: str) -> ModelRecord | None:
-        row = conn.execute(
-            "SELECT name, task, description, created_at_s FROM models WHERE name = ?", (name,)
-        ).fetchone()
-        return None if row is None else _model_from_row(row)
-
-    def _require_model(self, conn: sqlite3.Connection, name: str) -> ModelRecord:
-        record = self._model_row(conn, name)
-        if record is None:
-            raise NotFound(f"model {name!r} not found")
+    def _publish(self, conn: Connection, draft: version_rows.VersionDraft, actor: str) -> VersionRecord:
+        conn.lock_model(draft.model_name)
+        # Inside the transaction, under the blob lock: a blob removed after this check cannot
+        # be, since removal waits for this transaction and then sees our rows.
+        conn.lock_blobs(exclusive=False)
+        for file in draft.files:
+            self._check_blob(file)
+        number = version_rows.latest_version_number(conn, draft.model_name) + 1
+        lineage = draft.lineage
+        if lineage.parent_version and version_rows.load_version(conn, draft.model_name, lineage.parent_version) is None:
+            raise NotFound(f"lineage.parent_version {lineage.parent_version} of {draft.model_name!r} does not exist")
+        record = version_rows.insert_version(
+            conn, draft, number, self._clock(), created_by=lineage.created_by or actor
+        )
+        details = {"files": len(record.files), "total_bytes": record.total_bytes,
+                   "config_digest": record.metadata.config_digest, "source_kind": record.lineage.source_kind}
+        self._audit(conn, actor, "version.create", draft.model_name, number, details)
         return record
 
-    @staticmethod
-    def _insert_model(conn: sqlite3.Connection, record: ModelRecord) -> None:
-        conn.execute(
-            "INSERT INTO models (name, task, description, created_at_s) VALUES (?, ?, ?, ?)",
-            (record.name, record.task.value, record.description, record.created_at_s),
-        )
-
-    @staticmethod
-    def _version_numbers(conn: sqlite3.Connection, model_name: str) -> list[int]:
-        rows = conn.execute(
-            "SELECT version FROM versions WHERE model_name = ? ORDER BY version", (model_name,)
-        )
-        return [row[0] for row in rows]
-
-    @staticmethod
-    def _latest_version_number(conn: sqlite3.Connection, model_name: str) -> int:
-        row = conn.execute(
-            "SELECT COALESCE(MAX(version), 0) FROM versions WHERE model_name = ?", (model_name,)
-        ).fetchone()
-        return row[0]
-
-    def _insert_version(
-        self,
-        conn: sqlite3.Connection,
-        model_name: str,
-        files: tuple[FileRecord, ...],
-        config_json: str,
-    ) -> VersionRecord:
-        # Runs inside a BEGIN IMMEDIATE transaction: nobody else can claim this number.
-        version = self._latest_version_number(conn, model_name) + 1
-        created_at_s = self._clock()
-        conn.execute(
-            "INSERT INTO versions (model_name, version, config_json, created_at_s) "
-            "VALUES (?, ?, ?, ?)",
-            (model_name, version, config_json, created_at_s),
-        )
-        conn.executemany(
-            "INSERT INTO version_files (model_name, version, path, sha256, size_bytes) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(model_name, version, f.path, f.sha256, f.size_bytes) for f in files],
-        )
-        return VersionRecord(model_name, version, json.loads(config_json), files, created_at_s)
-
-    @staticmethod
-    def _load_version(
-        conn: sqlite3.Connection, model_name: str, version: int
-    ) -> VersionRecord | None:
-        row = conn.execute(
-            "SELECT config_json, created_at_s FROM versions WHERE model_name = ? AND version = ?",
-            (model_name, version),
-        ).fetchone()
-        if row is None:
-            return None
-        config_json, created_at_s = row
-        files = tuple(
-            FileRecord(path, sha256, size_bytes)
-            for path, sha256, size_bytes in conn.execute(
-                "SELECT path, sha256, size_bytes FROM version_files "
-                "WHERE model_name = ? AND version = ? ORDER BY path",
-                (model_name, version),
+    def _check_blob(self, file: FileRecord) -> None:
+        if not self.blobs.exists(file.sha256):
+            raise FailedPrecondition(f"file {file.path!r}: blob {file.sha256} is not stored; upload it first")
+        stored_bytes = self.blobs.size_bytes(file.sha256)
+        if stored_bytes != file.size_bytes:
+            raise InvalidArgument(
+                f"file {file.path!r}: size_bytes is {file.size_bytes} but blob "
+                f"{file.sha256} holds {stored_bytes} bytes"
             )
+
+
+def _check_version_number(version: object) -> None:
+    if type(version) is not int or version < 1:
+        raise InvalidArgument(f"version must be a positive integer, got {version!r}")
+
+
+def _refuse_if_in_use(conn: Connection, model_name: str, version: int) -> None:
+    aliases = [a.name for a in version_rows.aliases(conn, model_name) if a.version == version]
+    if aliases:
+        raise FailedPrecondition(f"version {version} of {model_name!r} is aliased as {aliases}: move or delete them first")
+    policy = version_rows.traffic_policy(conn, model_name)
+    if policy is not None and version in policy.versions:
+        raise FailedPrecondition(
+            f"version {version} of {model_name!r} is in its traffic policy (revision {policy.revision})"
         )
-        return VersionRecord(model_name, version, json.loads(config_json), files, created_at_s)
+    for deployment in version_rows.deployments(conn, model_name):
+        if deployment.version == version:
+            raise FailedPrecondition(
+                f"version {version} of {model_name!r} is deployed ({deployment.replicas} replicas): undeploy it first"
+            )
 
 
-def _model_from_row(row: tuple) -> ModelRecord:
-    name, task, description, created_at_s = row
-    return ModelRecord(name, Task(task), description, created_at_s)
+def _checked_details(details: object, what: str = "audit details") -> dict:
+    if details is None:
+        return {}
+    if not isinstance(details, dict):
+        raise InvalidArgument(f"{what} must be a JSON object, got {type(details).__name__}")
+    try:
+        json.dumps(details, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise InvalidArgument(f"{what} are not JSON-serializable: {error}") from None
+    return details
 
 
-def _same_content(current: VersionRecord, files: tuple[FileRecord, ...], config_json: str) -> bool:
+def _same_content(current: VersionRecord, draft: version_rows.VersionDraft) -> bool:
     def key(records: Iterable[FileRecord]) -> list[tuple[str, str]]:
         return [(f.path, f.sha256) for f in records]
 
-    same_files = key(current.files) == key(files)
-    return same_files and canonical_config_json(current.config) == config_json
+    same_files = key(current.files) == key(draft.files)
+    return same_files and canonical_config_json(current.config) == draft.config_json
 
 
 def _visible_files(folder: Path) -> list[str]:
@@ -388,6 +594,7 @@ def _visible_files(folder: Path) -> list[str]:
             absolute = Path(dir_path) / file_name
             if not absolute.is_file():
                 raise InvalidArgument(f"{absolute} is not a regular file (broken link?)")
+            check_link_stays_inside(folder, absolute)
             relative_paths.append(absolute.relative_to(folder).as_posix())
     return sorted(relative_paths)
 

@@ -68,6 +68,7 @@ class Worker:
         self.host = GrpcHost(
             config.max_message_bytes, role="worker", instance_id=self.state.worker_id,
             admin_token=read_admin_token(config.admin.admin_token, config.admin.admin_token_file),
+            admin_tls=config.admin.admin_tls(),
         )
         self.registration: Registration | None = None
         self.stopped = asyncio.Event()
@@ -85,7 +86,8 @@ class Worker:
         self._add_services()
         port = await self.host.start(self.config.host, self.config.port)
         address = f"{self.config.host}:{port}"
-        log.info("worker_listening", address=address, metrics_port=metrics_port, model=self.config.model_name)
+        log.info("worker_listening", address=address, metrics_port=metrics_port, model=self.config.model_name,
+                 admin_tls_port=self.host.admin_tls_port)
         install_signal_handlers(self.stopped)
         registry = aio_channel(self.config.registry_address)
         loading = asyncio.create_task(self._load(registry))

@@ -59,6 +59,12 @@ def test_registry_writes_and_worker_control_are_admin_methods():
         "/tensoryard.v1.ModelRegistry/CreateModel",
         "/tensoryard.v1.ModelRegistry/UploadBlob",
         "/tensoryard.v1.ModelRegistry/CreateVersion",
+        "/tensoryard.v1.ModelRegistry/DeleteVersion",
+        "/tensoryard.v1.ModelRegistry/SetAlias",
+        "/tensoryard.v1.ModelRegistry/DeleteAlias",
+        "/tensoryard.v1.ModelRegistry/SetTrafficPolicy",
+        "/tensoryard.v1.ModelRegistry/SetDeployment",
+        "/tensoryard.v1.ModelRegistry/AppendAudit",
         "/tensoryard.v1.WorkerControl/Drain",
         "/tensoryard.v1.WorkerControl/InjectFault",
     } == ADMIN_METHODS
@@ -117,8 +123,8 @@ def test_refused_client_stream_keeps_its_kind():
     assert refusal_of(returned, request=iter(())).code is grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_empty_token_is_refused_by_the_interceptor():
-    with pytest.raises(ValueError, match="admin token"):
+def test_an_admin_check_with_neither_token_nor_certificate_subjects_is_refused():
+    with pytest.raises(ValueError, match="token or admin certificate"):
         AdminTokenInterceptor("")
 
 

@@ -16,34 +16,34 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
 )
-from services.registry.blobs import BlobStore
+from services.registry.blobs import LocalBlobStore
 from services.registry.records import FileRecord, Task
-from services.registry.store import ModelStore
+from services.registry.store import SCHEMA_VERSION, ModelStore
 
 CONFIG = {"max_batch_size": 8}
 
 
 @pytest.fixture
-def blobs(tmp_path: Path) -> BlobStore:
-    return BlobStore(tmp_path / "blobs")
+def blobs(tmp_path: Path) -> LocalBlobStore:
+    return LocalBlobStore(tmp_path / "blobs")
 
 
 @pytest.fixture
-def store(tmp_path: Path, blobs: BlobStore):
+def store(tmp_path: Path, blobs: LocalBlobStore):
     with ModelStore(tmp_path / "registry.db", blobs) as model_store:
         yield model_store
 
 
-def stored_file(blobs: BlobStore, path: str, content: bytes) -> FileRecord:
+def stored_file(blobs: LocalBlobStore, path: str, content: bytes) -> FileRecord:
     sha256_hex, size_bytes = blobs.put_stream([content])
     return FileRecord(path, sha256_hex, size_bytes)
 
 
-def blob_files(blobs: BlobStore) -> list[Path]:
+def blob_files(blobs: LocalBlobStore) -> list[Path]:
     return [p for p in (blobs.root / "sha256").rglob("*") if p.is_file()]
 
 
-def temp_files(blobs: BlobStore) -> list[Path]:
+def temp_files(blobs: LocalBlobStore) -> list[Path]:
     return list((blobs.root / "tmp").iterdir())
 
 
@@ -57,7 +57,7 @@ def write_model_folder(folder: Path, files: dict[str, bytes]) -> Path:
 # -- blobs ----------------------------------------------------------------------------------
 
 
-def test_put_stream_stores_blob_under_its_sha256(blobs: BlobStore):
+def test_put_stream_stores_blob_under_its_sha256(blobs: LocalBlobStore):
     content = b"hello " * 1000
     sha256_hex, size_bytes = blobs.put_stream([content[:10], content[10:]])
 
@@ -68,14 +68,14 @@ def test_put_stream_stores_blob_under_its_sha256(blobs: BlobStore):
     assert blobs.exists(sha256_hex)
 
 
-def test_empty_blob_is_storable(blobs: BlobStore):
+def test_empty_blob_is_storable(blobs: LocalBlobStore):
     sha256_hex, size_bytes = blobs.put_stream([])
 
     assert (sha256_hex, size_bytes) == (hashlib.sha256(b"").hexdigest(), 0)
     assert blobs.exists(sha256_hex)
 
 
-def test_same_content_is_stored_once(blobs: BlobStore, tmp_path: Path):
+def test_same_content_is_stored_once(blobs: LocalBlobStore, tmp_path: Path):
     source = tmp_path / "weights.bin"
     source.write_bytes(b"w" * 4096)
 
@@ -87,7 +87,7 @@ def test_same_content_is_stored_once(blobs: BlobStore, tmp_path: Path):
     assert temp_files(blobs) == []
 
 
-def test_interrupted_put_leaves_no_blob_and_no_temp_file(blobs: BlobStore):
+def test_interrupted_put_leaves_no_blob_and_no_temp_file(blobs: LocalBlobStore):
     def failing_upload():
         yield b"first chunk"
         raise ConnectionError("client went away")
@@ -99,7 +99,7 @@ def test_interrupted_put_leaves_no_blob_and_no_temp_file(blobs: BlobStore):
     assert temp_files(blobs) == []
 
 
-def test_blob_is_not_visible_until_fully_written(blobs: BlobStore):
+def test_blob_is_not_visible_until_fully_written(blobs: LocalBlobStore):
     content = b"a" * 100 + b"b" * 100
     sha256_hex = hashlib.sha256(content).hexdigest()
     seen_while_writing = []
@@ -115,7 +115,7 @@ def test_blob_is_not_visible_until_fully_written(blobs: BlobStore):
     assert blobs.exists(sha256_hex)
 
 
-def test_iter_chunks_returns_content_in_bounded_chunks(blobs: BlobStore):
+def test_iter_chunks_returns_content_in_bounded_chunks(blobs: LocalBlobStore):
     content = bytes(range(256)) * 10
     sha256_hex, _ = blobs.put_stream([content])
 
@@ -125,7 +125,7 @@ def test_iter_chunks_returns_content_in_bounded_chunks(blobs: BlobStore):
     assert b"".join(chunks) == content
 
 
-def test_missing_blob_raises_not_found_before_iteration(blobs: BlobStore):
+def test_missing_blob_raises_not_found_before_iteration(blobs: LocalBlobStore):
     missing = "0" * 64
     assert not blobs.exists(missing)
     with pytest.raises(NotFound, match=missing):
@@ -134,12 +134,12 @@ def test_missing_blob_raises_not_found_before_iteration(blobs: BlobStore):
         blobs.iter_chunks(missing)  # no next(): a streaming reply must fail before it starts
 
 
-def test_intact_blob_passes_verify(blobs: BlobStore):
+def test_intact_blob_passes_verify(blobs: LocalBlobStore):
     sha256_hex, _ = blobs.put_stream([b"safetensors bytes"])
     assert blobs.verify(sha256_hex)
 
 
-def test_corrupted_blob_fails_verify(blobs: BlobStore):
+def test_corrupted_blob_fails_verify(blobs: LocalBlobStore):
     sha256_hex, _ = blobs.put_stream([b"safetensors bytes"])
     path = blobs.path_for(sha256_hex)
     path.chmod(0o644)  # blobs are stored read-only
@@ -148,7 +148,7 @@ def test_corrupted_blob_fails_verify(blobs: BlobStore):
     assert not blobs.verify(sha256_hex)
 
 
-def test_stored_blobs_are_read_only(blobs: BlobStore):
+def test_stored_blobs_are_read_only(blobs: LocalBlobStore):
     sha256_hex, _ = blobs.put_stream([b"x"])
     assert blobs.path_for(sha256_hex).stat().st_mode & 0o222 == 0
 
@@ -167,7 +167,7 @@ def test_stored_blobs_are_read_only(blobs: BlobStore):
         None,
     ],
 )
-def test_malformed_sha256_is_rejected_before_touching_disk(blobs: BlobStore, bad_sha256):
+def test_malformed_sha256_is_rejected_before_touching_disk(blobs: LocalBlobStore, bad_sha256):
     with pytest.raises(InvalidArgument):
         blobs.path_for(bad_sha256)
     with pytest.raises(InvalidArgument):
@@ -177,7 +177,7 @@ def test_malformed_sha256_is_rejected_before_touching_disk(blobs: BlobStore, bad
 # -- models ---------------------------------------------------------------------------------
 
 
-def test_created_model_can_be_read_back(tmp_path: Path, blobs: BlobStore):
+def test_created_model_can_be_read_back(tmp_path: Path, blobs: LocalBlobStore):
     with ModelStore(tmp_path / "r.db", blobs, clock=lambda: 1234.5) as model_store:
         created = model_store.create_model("minilm", "embedding", "sentence embeddings")
 
@@ -227,7 +227,7 @@ def test_unknown_task_is_rejected(store: ModelStore):
 # -- versions -------------------------------------------------------------------------------
 
 
-def test_versions_start_at_one_and_increase(store: ModelStore, blobs: BlobStore):
+def test_versions_start_at_one_and_increase(store: ModelStore, blobs: LocalBlobStore):
     store.create_model("m", "tensor")
     numbers = [
         store.add_version("m", [stored_file(blobs, "model.bin", bytes([i]))], CONFIG).version
@@ -238,7 +238,7 @@ def test_versions_start_at_one_and_increase(store: ModelStore, blobs: BlobStore)
     assert store.version_numbers("m") == [1, 2, 3]
 
 
-def test_version_keeps_files_sorted_and_sums_their_bytes(store: ModelStore, blobs: BlobStore):
+def test_version_keeps_files_sorted_and_sums_their_bytes(store: ModelStore, blobs: LocalBlobStore):
     store.create_model("m", "generation")
     files = [
         stored_file(blobs, "tokenizer.json", b"{}"),
@@ -257,7 +257,7 @@ def test_version_keeps_files_sorted_and_sums_their_bytes(store: ModelStore, blob
     assert store.get_version("m", 1) == version
 
 
-def test_latest_version_is_returned_when_none_is_asked_for(store: ModelStore, blobs: BlobStore):
+def test_latest_version_is_returned_when_none_is_asked_for(store: ModelStore, blobs: LocalBlobStore):
     store.create_model("m", "tensor")
     store.add_version("m", [stored_file(blobs, "a", b"1")], {"v": 1})
     store.add_version("m", [stored_file(blobs, "a", b"2")], {"v": 2})
@@ -269,7 +269,7 @@ def test_latest_version_is_returned_when_none_is_asked_for(store: ModelStore, bl
 
 
 def test_unknown_version_raises_not_found_naming_model_and_version(
-    store: ModelStore, blobs: BlobStore
+    store: ModelStore, blobs: LocalBlobStore
 ):
     store.create_model("m", "tensor")
     store.add_version("m", [stored_file(blobs, "a", b"1")], CONFIG)
@@ -283,7 +283,7 @@ def test_model_without_versions_has_no_latest(store: ModelStore):
         store.get_version("m")
 
 
-def test_versions_of_unknown_model_raise_not_found(store: ModelStore, blobs: BlobStore):
+def test_versions_of_unknown_model_raise_not_found(store: ModelStore, blobs: LocalBlobStore):
     with pytest.raises(NotFound, match="'ghost'"):
         store.get_version("ghost", 1)
     with pytest.raises(NotFound, match="'ghost'"):
@@ -309,7 +309,7 @@ def test_version_needs_its_blobs_uploaded_first(store: ModelStore):
         store.get_version("m")
 
 
-def test_file_size_must_match_the_stored_blob(store: ModelStore, blobs: BlobStore):
+def test_file_size_must_match_the_stored_blob(store: ModelStore, blobs: LocalBlobStore):
     store.create_model("m", "tensor")
     real = stored_file(blobs, "model.bin", b"12345")
     with pytest.raises(InvalidArgument, match="5 bytes"):
@@ -325,7 +325,7 @@ def test_unsafe_file_path_is_rejected(bad_path):
         FileRecord(bad_path, "0" * 64, 1)
 
 
-def test_same_path_twice_in_one_version_is_rejected(store: ModelStore, blobs: BlobStore):
+def test_same_path_twice_in_one_version_is_rejected(store: ModelStore, blobs: LocalBlobStore):
     store.create_model("m", "tensor")
     with pytest.raises(InvalidArgument, match="listed twice"):
         store.add_version(
@@ -334,13 +334,13 @@ def test_same_path_twice_in_one_version_is_rejected(store: ModelStore, blobs: Bl
 
 
 @pytest.mark.parametrize("bad_config", [["not", "a", "dict"], {"x": object()}, {"x": float("nan")}])
-def test_config_must_be_a_json_object(store: ModelStore, blobs: BlobStore, bad_config):
+def test_config_must_be_a_json_object(store: ModelStore, blobs: LocalBlobStore, bad_config):
     store.create_model("m", "tensor")
     with pytest.raises(InvalidArgument):
         store.add_version("m", [stored_file(blobs, "a", b"1")], bad_config)
 
 
-def test_version_records_cannot_be_changed_through_the_api(store: ModelStore, blobs: BlobStore):
+def test_version_records_cannot_be_changed_through_the_api(store: ModelStore, blobs: LocalBlobStore):
     store.create_model("m", "tensor")
     version = store.add_version("m", [stored_file(blobs, "a", b"1")], {"max_batch_size": 8})
 
@@ -351,7 +351,7 @@ def test_version_records_cannot_be_changed_through_the_api(store: ModelStore, bl
     assert store.get_version("m", 1).config == {"max_batch_size": 8}
 
 
-def test_database_refuses_to_update_a_version(tmp_path: Path, store: ModelStore, blobs: BlobStore):
+def test_database_refuses_to_update_a_version(tmp_path: Path, store: ModelStore, blobs: LocalBlobStore):
     store.create_model("m", "tensor")
     store.add_version("m", [stored_file(blobs, "a", b"1")], CONFIG)
 
@@ -444,17 +444,32 @@ def test_import_folder_needs_a_folder_with_files(store: ModelStore, tmp_path: Pa
         store.get_model("m")
 
 
-def test_import_folder_follows_symlinked_files(store: ModelStore, tmp_path: Path):
-    # A Hugging Face snapshot folder is links into its blob cache.
-    target = tmp_path / "cache" / "blob"
-    target.parent.mkdir()
-    target.write_bytes(b"weights")
-    (tmp_path / "snapshot").mkdir()
-    (tmp_path / "snapshot" / "model.safetensors").symlink_to(target)
+def test_import_folder_follows_a_snapshots_links_into_its_blob_cache(store: ModelStore, tmp_path: Path):
+    # A Hugging Face cache snapshot is links into its repository's blobs/ folder.
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc123").write_bytes(b"weights")
+    snapshot = repo / "snapshots" / "rev1"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(Path("../../blobs/abc123"))
 
-    version = store.import_folder("m", "tensor", tmp_path / "snapshot", CONFIG)
+    version = store.import_folder("m", "tensor", snapshot, CONFIG)
 
     assert version.files[0].sha256 == hashlib.sha256(b"weights").hexdigest()
+
+
+def test_import_folder_refuses_a_link_out_of_the_folder(store: ModelStore, tmp_path: Path):
+    secret = tmp_path / "elsewhere" / "secret"
+    secret.parent.mkdir()
+    secret.write_bytes(b"not a model file")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "weights.bin").symlink_to(secret)
+
+    with pytest.raises(InvalidArgument, match="outside the model folder"):
+        store.import_folder("m", "tensor", tmp_path / "model", CONFIG)
+    with pytest.raises(NotFound):
+        store.get_model("m")
 
 
 # -- durability and concurrency -------------------------------------------------------------
@@ -462,11 +477,11 @@ def test_import_folder_follows_symlinked_files(store: ModelStore, tmp_path: Path
 
 def test_data_survives_reopening_the_store(tmp_path: Path):
     db_path, blob_root = tmp_path / "registry.db", tmp_path / "blobs"
-    with ModelStore(db_path, BlobStore(blob_root)) as first:
+    with ModelStore(db_path, LocalBlobStore(blob_root)) as first:
         first.create_model("m", "generation", "chat")
         written = first.add_version("m", [stored_file(first.blobs, "w", b"w")], CONFIG)
 
-    with ModelStore(db_path, BlobStore(blob_root)) as reopened:
+    with ModelStore(db_path, LocalBlobStore(blob_root)) as reopened:
         assert reopened.get_model("m").description == "chat"
         assert reopened.get_version("m") == written
         assert reopened.blobs.verify(written.files[0].sha256)
@@ -476,12 +491,12 @@ def test_store_uses_wal_and_records_its_schema_version(tmp_path: Path, store: Mo
     raw = sqlite3.connect(tmp_path / "registry.db")
     try:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     finally:
         raw.close()
 
 
-def test_database_from_a_newer_release_is_refused(tmp_path: Path, blobs: BlobStore):
+def test_database_from_a_newer_release_is_refused(tmp_path: Path, blobs: LocalBlobStore):
     ModelStore(tmp_path / "r.db", blobs).close()
     raw = sqlite3.connect(tmp_path / "r.db")
     with raw:
@@ -515,7 +530,7 @@ def run_in_threads(num_threads: int, work) -> list:
     return results
 
 
-def test_concurrent_add_version_gives_distinct_numbers(store: ModelStore, blobs: BlobStore):
+def test_concurrent_add_version_gives_distinct_numbers(store: ModelStore, blobs: LocalBlobStore):
     store.create_model("m", "tensor")
     files = [[stored_file(blobs, "a", bytes([i]))] for i in range(4)]
 
@@ -526,7 +541,7 @@ def test_concurrent_add_version_gives_distinct_numbers(store: ModelStore, blobs:
 
 
 def test_two_store_instances_on_one_database_never_reuse_a_number(
-    tmp_path: Path, blobs: BlobStore
+    tmp_path: Path, blobs: LocalBlobStore
 ):
     # Separate connections behave like separate processes: SQLite's write lock decides.
     stores = [ModelStore(tmp_path / "shared.db", blobs) for _ in range(2)]
@@ -551,3 +566,28 @@ def test_concurrent_imports_of_one_folder_add_one_version(store: ModelStore, tmp
 
     assert {v.version for v in versions} == {1}
     assert len(store.list_versions("m")) == 1
+
+
+def test_a_schema_1_database_is_upgraded_and_its_versions_read_back(tmp_path: Path, blobs: LocalBlobStore):
+    from services.registry import schema
+
+    file = stored_file(blobs, "w", b"old weights")
+    raw = sqlite3.connect(tmp_path / "old.db")
+    with raw:
+        raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statement in schema.SQLITE_MIGRATIONS[0]:
+            raw.execute(statement)
+        raw.execute("INSERT INTO schema_version VALUES (1)")
+        raw.execute("INSERT INTO models VALUES ('m', 'tensor', '', 1.0)")
+        raw.execute("INSERT INTO versions VALUES ('m', 1, '{}', 2.0)")
+        raw.execute("INSERT INTO version_files VALUES ('m', 1, 'w', ?, ?)", (file.sha256, file.size_bytes))
+    raw.close()
+
+    with ModelStore(tmp_path / "old.db", blobs) as upgraded:
+        version = upgraded.get_version("m", 1)
+        upgraded.set_alias("m", "production", 1)
+
+        assert version.files == (file,)
+        assert version.metadata.config_digest == hashlib.sha256(b"{}").hexdigest()
+        assert upgraded.get_version_by_ref("m", "production").version == 1
+        assert upgraded.verify().problems == ()

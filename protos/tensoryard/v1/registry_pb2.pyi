@@ -63,14 +63,16 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
 
 class BlobChunk(_message.Message):
-    __slots__ = ("data", "upload_id", "offset")
+    __slots__ = ("data", "upload_id", "offset", "last")
     DATA_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     upload_id: str
     offset: int
-    def __init__(self, data: _Optional[bytes] = ..., upload_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    last: bool
+    def __init__(self, data: _Optional[bytes] = ..., upload_id: _Optional[str] = ..., offset: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class BlobRef(_message.Message):
     __slots__ = ("sha256", "size_bytes")

@@ -110,20 +110,24 @@ class DrainResponse(_message.Message):
     def __init__(self, num_finished: _Optional[int] = ...) -> None: ...
 
 class InjectFaultRequest(_message.Message):
-    __slots__ = ("fault", "duration_s")
+    __slots__ = ("fault", "duration_s", "fraction")
     class Fault(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         FAULT_UNSPECIFIED: _ClassVar[InjectFaultRequest.Fault]
         HANG_ENGINE: _ClassVar[InjectFaultRequest.Fault]
         CRASH_ENGINE: _ClassVar[InjectFaultRequest.Fault]
+        FAIL_REQUESTS: _ClassVar[InjectFaultRequest.Fault]
     FAULT_UNSPECIFIED: InjectFaultRequest.Fault
     HANG_ENGINE: InjectFaultRequest.Fault
     CRASH_ENGINE: InjectFaultRequest.Fault
+    FAIL_REQUESTS: InjectFaultRequest.Fault
     FAULT_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
     fault: InjectFaultRequest.Fault
     duration_s: float
-    def __init__(self, fault: _Optional[_Union[InjectFaultRequest.Fault, str]] = ..., duration_s: _Optional[float] = ...) -> None: ...
+    fraction: float
+    def __init__(self, fault: _Optional[_Union[InjectFaultRequest.Fault, str]] = ..., duration_s: _Optional[float] = ..., fraction: _Optional[float] = ...) -> None: ...
 
 class InjectFaultResponse(_message.Message):
     __slots__ = ()
