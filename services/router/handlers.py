@@ -21,8 +21,6 @@ def _unimplemented(reason: str) -> Callable:
 
 _SHM_REASON = "shared-memory tensors are not supported: send tensor data in raw_input_contents"
 _UNSUPPORTED = {
-    "RepositoryModelLoad": "models are loaded by starting workers (tensoryard worker --model-name ...)",
-    "RepositoryModelUnload": "models are unloaded by draining their workers",
     "SystemSharedMemoryStatus": _SHM_REASON,
     "SystemSharedMemoryRegister": _SHM_REASON,
     "SystemSharedMemoryUnregister": _SHM_REASON,
@@ -48,7 +46,8 @@ def inference_handler(servicer: RoutingServicer) -> grpc.GenericRpcHandler:
             servicer.forward_unary(f"/{SERVICE}/{name}", message_class)
         )
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(servicer.forward_stream())
-    for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "RepositoryIndex", "ModelStatistics"):
+    for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "RepositoryIndex", "ModelStatistics",
+                 "RepositoryModelLoad", "RepositoryModelUnload"):
         method = service.methods_by_name[name]
         handlers[name] = grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name),

@@ -4,19 +4,26 @@ Readiness: health (and ServerReady) is SERVING once the router follows discovery
 it serves (`--models`), at least one replica is routable; it follows the replicas as they come and
 go. SIGTERM drains: NOT_SERVING at once (load balancers stop sending), new calls are refused, those in
 flight get `drain_timeout_s` to finish, then the process exits.
+
+The catalog (models, versions, aliases, traffic policies) refreshes every second in the background,
+so a policy change applies within about a second. The router registers in discovery as service
+`router` with its metrics port (the rollback guard reads what users saw there) and deregisters
+first when it drains.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 
+import grpc
 import prometheus_client
 
 # Imported for their descriptors: reflection describes every service the router serves.
 from protos.inference import grpc_service_pb2  # noqa: F401
-from protos.tensoryard.v1 import embeddings_pb2, generation_pb2  # noqa: F401
+from protos.tensoryard.v1 import discovery_pb2, embeddings_pb2, generation_pb2  # noqa: F401
 from services.common.config import RouterConfig
-from services.common.discovery import DiscoveryClient
+from services.common.discovery import DiscoveryClient, Registration
 from services.common.gc_tuning import freeze_startup_objects
 from services.common.grpc_server import GrpcHost, aio_channel, install_signal_handlers
 from services.common.telemetry import get_logger, start_metrics_server
@@ -33,6 +40,10 @@ from services.router.handlers import inference_handler, native_handlers
 from services.router.servicer import SERVICE, RoutingServicer
 
 log = get_logger(__name__)
+
+# The router's lease in discovery, as a worker's default: listed within seconds of a crash.
+LEASE_TTL_MS = 5_000
+REGISTER_RETRY_S = (0.5, 1.0, 2.0, 5.0)
 
 
 def pool_config(config: RouterConfig) -> PoolConfig:
@@ -84,6 +95,8 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     except Exception as error:  # noqa: BLE001 - the registry may come later; lookups retry
         log.warning("router_catalog_unavailable", error=str(error))
     pool.start()
+    refresher = asyncio.create_task(catalog.run())
+    registering = asyncio.create_task(_register(DiscoveryClient(registry), f"{config.host}:{port}", metrics_port))
     log.info("router_listening", address=f"{config.host}:{port}", metrics_port=metrics_port,
              models=list(config.served_models))
     if stop is None:
@@ -99,6 +112,8 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     log.info("router_draining", grace_s=config.drain_timeout_s)
     readiness.stopping = True
     await host.set_serving(False)
+    await _deregister(registering)
+    refresher.cancel()
     watcher.cancel()
     await host.stop(grace_s=config.drain_timeout_s)
     await pool.close()
@@ -106,6 +121,34 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     if collector is not None:  # a caller may run another router in this process
         prometheus_client.REGISTRY.unregister(collector)
     log.info("router_stopped")
+
+
+async def _register(discovery: DiscoveryClient, address: str, metrics_port: int | None) -> Registration:
+    """Register as service `router` (retrying while the registry is away); the registration keeps
+    its lease alive from then on."""
+    instance = discovery_pb2.Instance(
+        instance_id=f"router-{uuid.uuid4().hex[:12]}", service="router", address=address,
+        metadata={"metrics_port": str(metrics_port or "")},
+    )
+    attempt = 0
+    while True:
+        try:
+            registration = await discovery.register(instance, LEASE_TTL_MS)
+            log.info("router_registered", instance_id=instance.instance_id, address=address)
+            return registration
+        except grpc.aio.AioRpcError as error:
+            if attempt == 0:
+                log.warning("router_registration_failed", code=error.code().name, details=error.details())
+            await asyncio.sleep(REGISTER_RETRY_S[min(attempt, len(REGISTER_RETRY_S) - 1)])
+            attempt += 1
+
+
+async def _deregister(registering: asyncio.Task) -> None:
+    if not registering.done():
+        registering.cancel()
+        return
+    if registering.exception() is None:
+        await registering.result().stop()
 
 
 class _Readiness:

@@ -7,12 +7,17 @@ it (services/router/admission.py), picks a replica through the model's routing p
 same bytes on — with the prompt's token ids appended when it tokenized them — and the worker's
 response bytes back. Retries and stream migration are `relay.py`'s. Server-level calls (live,
 ready, metadata, repository index, statistics) are answered here.
+
+Version first, replica second: each request's version is settled (`versions.py`: the one it
+names, else the model's traffic policy's choice) before the pool picks among that version's
+replicas; each response names the version that served it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import uuid
 from collections.abc import Callable
 
@@ -20,7 +25,7 @@ import grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.tensoryard.v1 import generation_pb2
 from services.common import tracing
-from services.common.errors import InvalidArgument, NotFound, Overloaded, TensoryardError, status_for
+from services.common.errors import InvalidArgument, NotFound, Overloaded, TensoryardError, Unavailable, status_for
 from services.common.grpc_server import REQUEST_ID_HEADER, bind_request
 from services.common.request_decoding import parse_request
 from services.common.infer_checks import check_infer_request
@@ -32,7 +37,14 @@ from services.router.policies import RouteRequest
 from services.router.pool import Backend, BackendPool
 from services.router.prompts import PromptTokenizers
 from services.router.relay import NativeGenerate, Relay, RelayError, no_replica
-from services.router.triton_stream import TritonGenerate, as_stream_response, stream_error, triton_text_input
+from services.router.repository import ModelRepository
+from services.router.versions import VersionRouting, generate_response_version
+from services.router.triton_stream import (
+    TritonGenerate,
+    as_stream_response,
+    stream_error,
+    triton_text_input,
+)
 
 log = get_logger(__name__)
 
@@ -82,11 +94,15 @@ _REQUEST_IDS = _RequestIds()
 class RoutingServicer:
     def __init__(self, pool: BackendPool, catalog: ModelCatalog, relay: Relay, limiter: InFlightLimiter,
                  prompts: PromptTokenizers, tenant_key: str = "x-tenant-id", session_key: str = "x-session-id",
-                 served_models: tuple[str, ...] = (), forwarded: metrics.ForwardedRequests | None = None):
+                 served_models: tuple[str, ...] = (), forwarded: metrics.ForwardedRequests | None = None,
+                 rng: random.Random | None = None):
         self._pool = pool
+        self._versions = VersionRouting(catalog, pool, rng)
         # Counts what this router forwarded (requests by replica and code, its own latency, Triton's).
         self._forwarded = forwarded if forwarded is not None else metrics.ForwardedRequests(enabled=False)
         self._catalog = catalog
+        # The registry stub the catalog reads with also carries the repository RPCs' deployment writes.
+        self._repository = ModelRepository(catalog.registry, catalog, pool)
         self._relay = relay
         self._limiter = limiter
         self._prompts = prompts
@@ -160,6 +176,7 @@ class RoutingServicer:
             if message_class is pb.ModelInferRequest:
                 check_infer_request(request, len(request_bytes))
             route, metadata = self._route(*_identity(request), context)
+            request_bytes = await self._versions.settle(route, request_bytes, metadata, request)
             is_llm = message_class is pb.ModelInferRequest and self._is_llm(route.model_name)
             if is_llm:
                 request_bytes, prompt_token_ids = self._with_triton_prompt_ids(route, request, request_bytes)
@@ -183,6 +200,8 @@ class RoutingServicer:
         async def handle(request_bytes: bytes, context: grpc.aio.ServicerContext):
             request = parse_request(generation_pb2.GenerateRequest, request_bytes)
             route, metadata = self._route(request.model_name, request.model_version, request.id, context)
+            request_bytes = await self._versions.settle(route, request_bytes, metadata)
+            served_by = generate_response_version(route.model_version)
             prompt_token_ids = list(request.prompt_token_ids) or None
             tokenizer = None if prompt_token_ids else self._tokenizer_for(route)
             if tokenizer is not None:
@@ -202,7 +221,7 @@ class RoutingServicer:
                         _NATIVE_GENERATE, route, request_bytes, context, metadata, backend, prompt_token_ids,
                         forwarded,
                     ):
-                        yield response
+                        yield response + served_by
             except RelayError as failure:
                 await failure.abort(context)
 
@@ -227,6 +246,7 @@ class RoutingServicer:
                 try:
                     check_infer_request(request, len(request_bytes))
                     route, metadata = self._route(request.model_name, request.model_version, request.id, context)
+                    request_bytes = await self._versions.settle(route, request_bytes, metadata, request)
                     num_items = 1 if self._is_llm(route.model_name) else _num_items(request)
                     with (self._forwarded.track(route.model_name, route.model_version, num_items) as forwarded,
                           self._limiter.hold(route.model_name, route.tenant)):
@@ -269,6 +289,8 @@ class RoutingServicer:
         if self._is_llm(route.model_name):
             request_bytes, prompt_token_ids = self._with_triton_prompt_ids(route, request, request_bytes)
             backend = await self._first(route, prompt_token_ids)
+            # The worker names its version on each response with text; the empty final response
+            # names none, as Triton's does (tests/conformance), so nothing is added here.
             async for response in self._relay.stream(
                 _TRITON_GENERATE, route, request_bytes, context, metadata, backend, prompt_token_ids, forwarded
             ):
@@ -310,7 +332,11 @@ class RoutingServicer:
         return pb.ServerReadyResponse(ready=self.ready())
 
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=bool(self._pool.routable(request.name, request.version)))
+        try:
+            version = await self._versions.resolve(request.name, request.version)
+        except (NotFound, InvalidArgument, Unavailable):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=bool(self._pool.routable(request.name, version)))
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(
@@ -318,22 +344,13 @@ class RoutingServicer:
         )
 
     async def RepositoryIndex(self, request, context):
-        await self._catalog.refresh(force=True)
-        models = []
-        for name, versions in sorted(self._catalog.models().items()):
-            for version in versions:
-                ready = bool(self._pool.routable(name, str(version)))
-                if request.ready and not ready:
-                    continue
-                models.append(
-                    pb.RepositoryIndexResponse.ModelIndex(
-                        name=name,
-                        version=str(version),
-                        state="READY" if ready else "UNAVAILABLE",
-                        reason="" if ready else "no worker serves this version",
-                    )
-                )
-        return pb.RepositoryIndexResponse(models=models)
+        return await self._repository.index(request, context)
+
+    async def RepositoryModelLoad(self, request, context):
+        return await self._repository.load(request, context)
+
+    async def RepositoryModelUnload(self, request, context):
+        return await self._repository.unload(request, context)
 
     async def ModelStatistics(self, request, context):
         if request.name:
@@ -342,7 +359,8 @@ class RoutingServicer:
             except NotFound as error:
                 # Triton answers INVALID_ARGUMENT here (and NOT_FOUND elsewhere); clients expect it.
                 raise InvalidArgument(f"requested model '{request.name}' is not available: {error.message}") from None
-        backends = self._pool.backends(request.name, request.version)
+        version = await self._versions.resolve(request.name, request.version)
+        backends = self._pool.backends(request.name, version)
         replies = await asyncio.gather(
             *(statistics.fetch(b, request, context.time_remaining()) for b in backends)
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from services.worker.engine.loop import CrashEngine, HangEngine
 from services.worker import model_views
 from services.worker.embedding_model import EmbeddingModel
 from services.worker.generation_model import GenerationModel
-from services.worker.state import WorkerState
+from services.worker.state import FailRequests, WorkerState
 
 SERVER_NAME = "tensoryard-worker"
 SERVER_VERSION = "0.1.0"
@@ -48,6 +49,7 @@ def admit(state: WorkerState, request, context, kind: type | None = None):
     bind_request(request_id_from(request.id, context), request.model_name, request.model_version)
     model = check_model(state, request.model_name, request.model_version, kind)
     state.check_accepting()
+    state.fail_if_injected()
     return model
 
 
@@ -157,7 +159,7 @@ class TextGenerationServicer(generation_pb2_grpc.TextGenerationServicer):
         with self._state.track_request():
             async with contextlib.aclosing(model.generate(job, context.time_remaining())) as outputs:
                 async for output in outputs:
-                    yield _generate_response(request.id, output)
+                    yield _generate_response(request.id, model.version, output)
 
 
 def _sampling_overrides(sampling: generation_pb2.SamplingParameters) -> dict:
@@ -173,9 +175,10 @@ def _sampling_overrides(sampling: generation_pb2.SamplingParameters) -> dict:
     return overrides
 
 
-def _generate_response(request_id: str, output) -> generation_pb2.GenerateResponse:
+def _generate_response(request_id: str, model_version: str, output) -> generation_pb2.GenerateResponse:
     response = generation_pb2.GenerateResponse(
         id=request_id,
+        model_version=model_version,
         token_ids=output.new_token_ids,
         text=output.text_delta,
         finish_reason=output.finish_reason or "",
@@ -241,6 +244,11 @@ class WorkerControlServicer(worker_pb2_grpc.WorkerControlServicer):
     async def InjectFault(self, request, context):
         if not self._state.fault_injection:
             raise FailedPrecondition("fault injection is off: start the worker with --enable-fault-injection")
+        if request.fault == worker_pb2.InjectFaultRequest.FAIL_REQUESTS:
+            if not 0 <= request.fraction <= 1 or request.duration_s <= 0:
+                raise InvalidArgument("FAIL_REQUESTS needs a fraction in 0-1 and a duration_s > 0")
+            self._state.failing = FailRequests(request.fraction, time.monotonic() + request.duration_s)
+            return worker_pb2.InjectFaultResponse()
         model = self._state.model
         if not isinstance(model, GenerationModel):
             raise FailedPrecondition("faults can be injected into LLM engines only")
@@ -249,7 +257,7 @@ class WorkerControlServicer(worker_pb2_grpc.WorkerControlServicer):
         elif request.fault == worker_pb2.InjectFaultRequest.CRASH_ENGINE:
             model.loop.inject(CrashEngine())
         else:
-            raise InvalidArgument("name a fault: HANG_ENGINE or CRASH_ENGINE")
+            raise InvalidArgument("name a fault: HANG_ENGINE, CRASH_ENGINE or FAIL_REQUESTS")
         return worker_pb2.InjectFaultResponse()
 
     async def Drain(self, request, context):
