@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.tensoryard.v1 import registry_pb2, registry_pb2_grpc
 from services import prometheus
 from services.common.telemetry import free_port
 from services.common.admin_auth import admin_channel, client_admin_token
 from services.registry.client import register_folder
+from services.rollout.controller import LocalDeploymentController
 from services.supervisor import EventKind, ProcessEvent, ProcessSpec, RestartPolicy, Supervisor
 
 STOP_TIMEOUT_S = 20.0
@@ -148,6 +151,11 @@ class Launcher:
         self.targets: prometheus.ScrapeTargets | None = None
         # Children that ended for good (EXITED with no restart), appended on the monitor thread.
         self._ended: list[ProcessEvent] = []
+        # Every worker child's (model, version), demo ones included: what the deployment
+        # controller compares with the registry's deployments.
+        self._worker_versions: dict[str, tuple[str, int]] = {}
+        self._worker_lock = threading.Lock()
+        self.controller: LocalDeploymentController | None = None
 
     def say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -207,6 +215,7 @@ class Launcher:
             self._wait_health("registry", registry_address, stop_requested)
             self.say(f"  registry  {registry_address}  (metrics :{registry_metrics_port})")
             models = demo_models(o.home, o.with_llm, o.with_embedding)
+            demo_versions: dict[str, int] = {}
             with grpc.insecure_channel(registry_address) as plain_channel:
                 # The registry child inherits this environment: it wants the same token, if any.
                 channel = admin_channel(plain_channel, client_admin_token(self.env))
@@ -214,6 +223,7 @@ class Launcher:
                     version, created = register_folder(
                         channel, model.name, model.task, model.folder, model.config, model.description
                     )
+                    demo_versions[model.name] = version.version
                     verb = "registered" if created else "already registered"
                     self.say(f"  model     {model.name} version {version.version} ({verb})")
             router_metrics_ports = [self.metrics_port(o.router_metrics_port if i == 0 else 0) for i in range(o.routers)]
@@ -229,17 +239,12 @@ class Launcher:
             self._wait_router_live(router_address, stop_requested)
             for model in models:
                 for index in range(o.workers_per_model):
-                    self.spawn(
-                        f"worker-{model.name}-{index}", "worker", "--model-name", model.name,
-                        "--registry", registry_address, "--host", o.host,
-                        "--cache-dir", str(o.home / "worker-cache"),
-                        "--num-threads", str(worker_threads(o)),
-                        metrics_port=self.metrics_port(), labels={"model": model.name},
-                    )
+                    self.spawn_worker(f"worker-{model.name}-{index}", model.name, demo_versions[model.name])
             for model in models:
                 self._wait_model_ready(router_address, model.name, stop_requested)
             self.supervisor.set_restarting(True)
             self._raise_if_ended()  # one that ended in the moment before restarts were on
+            self._start_controller(registry_address, demo_versions)
             self.say(f"  router    {router_address}  "
                      f"(inference.GRPCInferenceService; metrics :{router_metrics_ports[0]})")
             self.say(f"  metrics   scrape targets in {self.targets.directory}"
@@ -259,6 +264,63 @@ class Launcher:
             return 1
         finally:
             self.stop_all()
+
+    def spawn_worker(self, name: str, model_name: str, version: int) -> None:
+        """A worker for exactly this version (a restart must not pick up a newer one)."""
+        o = self.options
+        with self._worker_lock:
+            self._worker_versions[name] = (model_name, version)
+        self.spawn(
+            name, "worker", "--model-name", model_name, "--model-version", str(version),
+            "--registry", f"{o.host}:{o.registry_port}", "--host", o.host,
+            "--cache-dir", str(o.home / "worker-cache"),
+            "--num-threads", str(worker_threads(o)),
+            metrics_port=self.metrics_port(), labels={"model": model_name},
+        )
+
+    def running_workers(self) -> dict[tuple[str, int], list[str]]:
+        """Worker names per (model, version), oldest first (names sort in start order per version)."""
+        live = set(self.supervisor.names(role="worker"))
+        by_version: dict[tuple[str, int], list[str]] = {}
+        with self._worker_lock:
+            for name, key in self._worker_versions.items():
+                if name in live:
+                    by_version.setdefault(key, []).append(name)
+        return by_version
+
+    def _start_deployed_worker(self, model_name: str, version: int) -> None:
+        with self._worker_lock:
+            taken = set(self._worker_versions)
+        index = next(i for i in range(len(taken) + 1) if f"worker-{model_name}-v{version}-{i}" not in taken)
+        self.spawn_worker(f"worker-{model_name}-v{version}-{index}", model_name, version)
+
+    def _stop_deployed_worker(self, name: str) -> None:
+        self.supervisor.remove(name, STOP_TIMEOUT_S)
+        if self.targets is not None:
+            self.targets.remove(name)
+        with self._worker_lock:
+            self._worker_versions.pop(name, None)
+
+    def _start_controller(self, registry_address: str, demo_versions: dict[str, int]) -> None:
+        """Record the demo workers as their versions' deployments, then follow the registry's
+        deployments (services/rollout/controller.py)."""
+        channel = admin_channel(grpc.insecure_channel(registry_address), client_admin_token(self.env))
+        stub = registry_pb2_grpc.ModelRegistryStub(channel)
+        for model_name, version in demo_versions.items():
+            try:
+                stub.SetDeployment(registry_pb2.SetDeploymentRequest(
+                    deployment=registry_pb2.Deployment(model_name=model_name, version=version,
+                                                       replicas=self.options.workers_per_model),
+                    reason="tensoryard up: its demo workers"), timeout=10)
+            except grpc.RpcError as error:
+                # Without its demo deployments recorded the controller would stop the demo workers.
+                self.say(f"  deployments not recorded ({error.code().name}: {error.details()}); "
+                         f"no deployment controller: workers do not follow the registry")
+                channel.close()
+                return
+        self.controller = LocalDeploymentController(
+            channel, self.running_workers, self._start_deployed_worker, self._stop_deployed_worker)
+        self.controller.start()
 
     def _wait_health(self, name: str, address: str, stop_requested: list) -> None:
         def serving(channel) -> bool:
@@ -306,6 +368,8 @@ class Launcher:
         """Workers first (they drain and deregister), then the router, then the registry."""
         if self.supervisor is None:
             return
+        if self.controller is not None:
+            self.controller.stop()  # before the workers go, or it would start them again
         had_children = bool(self.supervisor.names())
         self.supervisor.stop_all(STOP_TIMEOUT_S)
         if self.targets is not None:

@@ -61,6 +61,12 @@ class ScrapeTargets:
         self._targets[target.name] = target
         self._write(target.role)
 
+    def remove(self, name: str) -> None:
+        """`name` is gone on purpose (a worker undeployed): not a target that is down."""
+        target = self._targets.pop(name, None)
+        if target is not None:
+            self._write(target.role)
+
     def clear(self) -> None:
         """No targets: `up` stopped on purpose, so nothing it ran should count as down."""
         self._targets.clear()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import random
 import time
 from dataclasses import dataclass, field
 
 from protos.tensoryard.v1 import worker_pb2
-from services.common.errors import Unavailable
+from services.common.errors import TensoryardError, Unavailable
 from services.worker.load_reports import LoadPublisher
 
 
@@ -18,6 +19,17 @@ class Phase(enum.StrEnum):
     STALLED = "STALLED"  # the engine made no progress within its window: NOT_SERVING until it does
     DRAINING = "DRAINING"  # finishing in-flight work; new requests get UNAVAILABLE
     FAILED = "FAILED"  # the engine died: the process is leaving discovery and exiting
+
+
+class InjectedFailure(TensoryardError):
+    """A request failed on purpose (WorkerControl.InjectFault FAIL_REQUESTS): INTERNAL, as a broken
+    model version's requests would end, so routers and the rollback guard count it as an error."""
+
+
+@dataclass(frozen=True, slots=True)
+class FailRequests:
+    fraction: float  # share of requests to fail, 0-1
+    until_s: float  # time.monotonic() at which the fault ends
 
 
 @dataclass(slots=True)
@@ -35,6 +47,8 @@ class WorkerState:
     publisher: LoadPublisher = field(default_factory=LoadPublisher)
     tenant_metadata_key: str = "x-tenant-id"
     fault_injection: bool = False
+    # Set by InjectFault FAIL_REQUESTS; None: no request is failed on purpose.
+    failing: FailRequests | None = None
 
     @property
     def serving(self) -> bool:
@@ -54,6 +68,13 @@ class WorkerState:
             raise Unavailable(f"worker {self.worker_id}'s engine is not making progress; try another replica")
         if self.model is None:
             raise Unavailable(f"worker {self.worker_id} is still loading '{self.model_name}'")
+
+    def fail_if_injected(self) -> None:
+        """Fail this request on purpose while an InjectFault FAIL_REQUESTS lasts (its share of them)."""
+        failing = self.failing
+        if failing is not None and time.monotonic() < failing.until_s and random.random() < failing.fraction:
+            self.num_requests_failed += 1
+            raise InjectedFailure(f"worker {self.worker_id}: injected request failure (InjectFault FAIL_REQUESTS)")
 
     @contextlib.contextmanager
     def track_request(self):

@@ -38,6 +38,15 @@ def test_a_target_goes_into_its_jobs_file_with_its_labels(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_an_undeployed_worker_leaves_its_jobs_file(tmp_path):
+    targets = ScrapeTargets(tmp_path)
+    targets.add(ScrapeTarget("worker-a-v1-0", "worker", "127.0.0.1:40001", {"model": "a"}))
+    targets.add(ScrapeTarget("worker-a-v2-0", "worker", "127.0.0.1:40002", {"model": "a"}))
+    targets.remove("worker-a-v2-0")
+    targets.remove("never-added")
+    assert read(tmp_path, "worker.json") == [{"targets": ["127.0.0.1:40001"], "labels": {"model": "a"}}]
+
+
 def test_clearing_leaves_empty_files_so_a_stopped_up_is_not_down(tmp_path):
     targets = ScrapeTargets(tmp_path)
     targets.add(ScrapeTarget("registry", "registry", "127.0.0.1:7071"))
