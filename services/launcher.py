@@ -184,6 +184,8 @@ class Launcher:
         return free_port(self.options.host) if requested == 0 else requested
 
     def on_event(self, event: ProcessEvent) -> None:
+        if event.kind in (EventKind.EXITED, EventKind.GAVE_UP):
+            self._report_deployed_worker_exit(event)
         if event.kind is EventKind.EXITED and event.restart_in_s is not None:
             self.say(f"tensoryard: {event.name} exited with {event.exit_description}; "
                      f"restarting in {event.restart_in_s:g} s (log {event.log_path})")
@@ -300,6 +302,16 @@ class Launcher:
             self.targets.remove(name)
         with self._worker_lock:
             self._worker_versions.pop(name, None)
+
+    def _report_deployed_worker_exit(self, event: ProcessEvent) -> None:
+        with self._worker_lock:
+            key = self._worker_versions.get(event.name)
+        if key is None or self.controller is None:
+            return
+        threading.Thread(  # off the supervisor's monitor thread: a registry call may take seconds
+            target=self.controller.report_worker_exit,
+            args=(*key, event.name, event.exit_description, str(event.log_path)), daemon=True,
+        ).start()
 
     def _start_controller(self, registry_address: str, demo_versions: dict[str, int]) -> None:
         """Record the demo workers as their versions' deployments, then follow the registry's

@@ -53,12 +53,12 @@ def run_models_command(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def _command(name: str):
-    from services.models_cli import diff, listing, manage, push
+    from services.models_cli import diff, listing, manage, push, traffic
 
     return {
         "push": push.run_push, "register": push.run_push, "import": push.run_import,
         "list": listing.run_list, "show": listing.run_show, "diff": diff.run_diff,
-        "alias": manage.run_alias, "rm": manage.run_rm,
+        "alias": manage.run_alias, "rm": manage.run_rm, "traffic": traffic.run_traffic,
     }[name]
 
 

@@ -68,6 +68,10 @@ def add_models_commands(subparsers, add_admin_token_flag) -> None:
     rm.add_argument("name", metavar="MODEL")
     rm.add_argument("version", metavar="VERSION", type=int)
 
+    from services.models_cli.traffic import add_traffic_command
+
+    add_traffic_command(sub, common)
+
     # promote, gate and rollback belong to services/rollout/, present once it is written.
     if rollout_commands_present():
         from services.rollout.cli import add_rollout_commands
@@ -87,3 +91,6 @@ def _add_version_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
     parser.add_argument("--parent", type=int, default=0, metavar="VERSION", help="lineage: the version this derives from")
     parser.add_argument("--description", default="", help="the model's, when this creates it")
+    parser.add_argument("--gate", type=Path, dest="gate_file", metavar="FILE",
+                        help="JSON: golden prompts, golden embeddings and a latency budget the version must "
+                             "pass before it takes traffic (see README, Rollouts)")

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from protos.tensoryard.v1 import registry_pb2
 
 from services.model_import import prepared_import
 from services.models_cli.context import Context
@@ -39,7 +44,8 @@ def _push(ctx: Context, args, name, task, folder, source, **kwargs) -> PushResul
     progress = upload_progress(ctx.err)
     try:
         return push_folder(ctx.channel, name, task, folder, _config(args.config_json), source,
-                           description=args.description, labels=_labels(args.label), progress=progress, **kwargs)
+                           description=args.description, labels=_labels(args.label), progress=progress,
+                           gate=read_gate(args.gate_file), **kwargs)
     finally:
         progress.close()
 
@@ -70,6 +76,18 @@ def _config(text: str) -> dict:
     if not isinstance(config, dict):
         raise ValueError("--config must be a JSON object")
     return config
+
+
+def read_gate(path: Path | None) -> registry_pb2.Gate | None:
+    """The gate a version must pass before promotion, from a JSON file in the Gate message's JSON
+    form: {"golden_prompts": [{"prompt", "max_tokens", "expected_text", "min_similarity"}],
+    "golden_embeddings": [{"text", "expected", "min_cosine"}], "latency_budget_s"}."""
+    if path is None:
+        return None
+    try:
+        return json_format.Parse(path.read_text(), registry_pb2.Gate())
+    except json_format.ParseError as error:
+        raise ValueError(f"--gate {path}: not a gate: {error}") from None
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from google.protobuf import json_format
+
 from protos.tensoryard.v1 import registry_pb2
 
 
@@ -45,6 +47,7 @@ def version_dict(version: registry_pb2.ModelVersion) -> dict:
         "lineage": lineage_dict(version.lineage),
         "files": [file_dict(f) for f in version.files],
         "size_bytes": sum(f.size_bytes for f in version.files),
+        "gate": json_format.MessageToDict(version.gate, preserving_proto_field_name=True),
     }
 
 
@@ -58,6 +61,12 @@ def policy_dict(model: registry_pb2.Model) -> dict | None:
         "ab_key": policy.ab_key,
         "ab_routes": [{"value": r.value, "version": r.version} for r in policy.ab_routes],
         "sticky_key": policy.sticky_key,
+        "rollback": {
+            "window_s": policy.rollback.window_s,
+            "min_requests": policy.rollback.min_requests,
+            "max_error_rate_increase": policy.rollback.max_error_rate_increase,
+            "max_latency_ratio": policy.rollback.max_latency_ratio,
+        },
         "revision": policy.revision,
     }
 

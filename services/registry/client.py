@@ -132,12 +132,12 @@ def push_folder(
     channel: grpc.Channel, name: str, task: str, folder: Path, config: dict, source: Source,
     description: str = "", labels: dict[str, str] | None = None, metadata: ProbedMetadata | None = None,
     progress: UploadProgress | None = None, options: PushOptions = PushOptions(),
-    files: list[LocalFile] | None = None,
+    files: list[LocalFile] | None = None, gate: registry_pb2.Gate | None = None,
 ) -> PushResult:
     """Upload `folder` as the next version of `name` (creating the model if needed).
 
     `metadata` and `files` (the folder scanned) are worked out here unless given. When the latest
-    version already holds exactly these files, config and labels, nothing is uploaded and that
+    version already holds exactly these files, config, labels and gate, nothing is uploaded and that
     version comes back with created=False.
     """
     stub = registry_pb2_grpc.ModelRegistryStub(channel)
@@ -155,7 +155,7 @@ def push_folder(
         stub.CreateModel(registry_pb2.CreateModelRequest(name=name, task=task, description=description))
     else:
         latest = _latest_version(stub, name)
-        if latest is not None and _same(latest, files, config, labels):
+        if latest is not None and _same(latest, files, config, labels, gate or registry_pb2.Gate()):
             return PushResult(latest, False)
     uploads = tuple(_upload(stub, file, progress, options) for file in files)
     version = stub.CreateVersion(
@@ -171,6 +171,7 @@ def push_folder(
                 source_kind=source.kind, source_uri=source.uri, parent_version=source.parent_version,
                 created_by=source.created_by, details=source.details,
             ),
+            gate=gate,
         )
     )
     return PushResult(version, True, uploads)
@@ -267,8 +268,10 @@ def _latest_version(stub, name: str) -> registry_pb2.ModelVersion | None:
         raise
 
 
-def _same(version: registry_pb2.ModelVersion, files: list[LocalFile], config: dict, labels: dict) -> bool:
+def _same(version: registry_pb2.ModelVersion, files: list[LocalFile], config: dict, labels: dict,
+          gate: registry_pb2.Gate) -> bool:
     stored = {(f.path, f.sha256) for f in version.files}
     return (stored == {(f.path, f.sha256) for f in files}
             and json.loads(version.config_json or "{}") == config
-            and dict(version.metadata.labels) == labels)
+            and dict(version.metadata.labels) == labels
+            and version.gate == gate)

@@ -11,6 +11,7 @@ nothing: workers are never stopped because the registry is away.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -102,6 +103,19 @@ class LocalDeploymentController:
             log.info("deployment_stop_worker", worker=name)
             self._stop_worker(name)
         return actions
+
+    def report_worker_exit(self, model_name: str, version: int, worker: str, how: str, log_path: str) -> None:
+        """A worker of a deployment exited (while loading, or later): on the audit log as
+        `deployment.failed`, where a promote waiting for the version's replica reads it and stops
+        waiting. Best effort: a registry that does not answer misses the entry, and the promote
+        falls back to its timeout."""
+        details = {"worker": worker, "exit": how, "log": log_path}
+        try:
+            self._stub.AppendAudit(registry_pb2.AppendAuditRequest(
+                action="deployment.failed", model_name=model_name, version=version,
+                details_json=json.dumps(details, sort_keys=True)), timeout=5)
+        except grpc.RpcError as error:
+            log.warning("deployment_failure_unreported", model=model_name, version=version, code=error.code().name)
 
     def _loop(self) -> None:
         while not self._stopped.wait(self._interval_s):

@@ -96,6 +96,22 @@ class Registry:
             action=action, model_name=model_name, version=version, details_json=json.dumps(details, sort_keys=True)),
             timeout=CALL_TIMEOUT_S)
 
+    def last_audit_sequence(self, model_name: str) -> int:
+        entries = self.stub.ListAudit(registry_pb2.ListAuditRequest(model_name=model_name),
+                                      timeout=CALL_TIMEOUT_S).entries
+        return entries[-1].sequence if entries else 0
+
+    def deployment_failure(self, model_name: str, version: int, after_sequence: int) -> str | None:
+        """A worker exit of the version reported since `after_sequence`, as a sentence."""
+        entries = self.stub.ListAudit(registry_pb2.ListAuditRequest(model_name=model_name, after_sequence=after_sequence),
+                                      timeout=CALL_TIMEOUT_S).entries
+        for entry in entries:
+            if entry.action == "deployment.failed" and entry.version == version:
+                details = json.loads(entry.details_json or "{}")
+                return (f"load failed: worker {details.get('worker', '?')} of {model_name} version {version} "
+                        f"exited ({details.get('exit', '?')}); its log: {details.get('log', '?')}")
+        return None
+
     def ready_versions(self, model_name: str) -> set[int]:
         """Versions with at least one replica registered (workers register once SERVING)."""
         reply = self.discovery.List(discovery_pb2.ListRequest(service="worker", model_name=model_name),
@@ -128,12 +144,22 @@ def stable_only(policy: registry_pb2.TrafficPolicy) -> registry_pb2.TrafficPolic
 
 
 def wait_for_replica(registry: Registry, model_name: str, version: int, timeout_s: float) -> bool:
+    """True once a replica of the version is ready; False after timeout_s; LoadFailed as soon as
+    the deployment controller reports one of its workers exited (`deployment.failed`)."""
     deadline_s = time.monotonic() + timeout_s
+    after = registry.last_audit_sequence(model_name)
     while time.monotonic() < deadline_s:
         if version in registry.ready_versions(model_name):
             return True
+        failure = registry.deployment_failure(model_name, version, after)
+        if failure is not None:
+            raise LoadFailed(failure)
         time.sleep(0.25)
     return False
+
+
+class LoadFailed(Exception):
+    """A worker of the version exited before it was ready: what the controller reported."""
 
 
 def ensure_stable_policy(registry: Registry, model_name: str, version: int) -> registry_pb2.TrafficPolicy | None:
@@ -163,7 +189,11 @@ def gate_version(registry: Registry, router: grpc.Channel, model_name: str, vers
         registry.deploy(model_name, version, 1, reason=f"deployed to run the gate of version {version}")
     try:
         say(f"waiting for a replica of version {version} (up to {replica_wait_s:g} s)")
-        if not wait_for_replica(registry, model_name, version, replica_wait_s):
+        try:
+            ready = wait_for_replica(registry, model_name, version, replica_wait_s)
+        except LoadFailed as failure:
+            raise PromoteFailed(f"{model_name} version {version} did not load", [str(failure)]) from None
+        if not ready:
             reason = (f"load failed: no replica of {model_name} version {version} became ready within "
                       f"{replica_wait_s:g} s (see the worker logs)")
             raise PromoteFailed(f"{model_name} version {version} did not load", [reason])

@@ -4,7 +4,8 @@ RepositoryIndex lists every version the registry holds: READY while this router 
 replica of it, else UNAVAILABLE with why (not deployed, or deployed and not ready yet).
 RepositoryModelLoad sets a deployment of the version named by the `version` parameter (default:
 the latest) to at least one replica and answers once the router can route to one (a deployment
-controller starts the worker: `tensoryard up`'s local one); RepositoryModelUnload sets the named
+controller starts the worker: `tensoryard up`'s local one), or with the failure as soon as the
+controller reports the worker exited (`deployment.failed` on the audit log); RepositoryModelUnload sets the named
 version, or every version of the model, to 0. The registry decides who may: the caller's
 `authorization` (admin token) metadata goes with the write.
 """
@@ -12,6 +13,7 @@ version, or every version of the model, to 0. The registry decides who may: the 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import grpc
@@ -29,6 +31,7 @@ from services.router.catalog import ModelCatalog
 from services.router.pool import BackendPool
 
 LOAD_TIMEOUT_S = 180.0
+FAILURE_CHECK_INTERVAL_S = 1.0  # how often a load in progress asks whether its worker exited
 CALL_TIMEOUT_S = 10.0
 VERSION_PARAMETER = "version"
 
@@ -73,13 +76,40 @@ class ModelRepository:
         remaining_s = context.time_remaining()
         timeout_s = min(remaining_s - 0.5, LOAD_TIMEOUT_S) if remaining_s is not None else LOAD_TIMEOUT_S
         deadline_s = time.monotonic() + timeout_s
+        audited = await self._last_audit_sequence(request.model_name)
+        next_check_s = time.monotonic() + FAILURE_CHECK_INTERVAL_S
         while not self._pool.routable(request.model_name, str(version)):
             if time.monotonic() >= deadline_s:
                 raise Unavailable(f"model '{request.model_name}' version {version} is deployed but no replica "
                                   f"became ready within {timeout_s:.0f} s: its worker failed to load or is still "
                                   f"loading (see the worker logs)")
+            if time.monotonic() >= next_check_s:
+                next_check_s = time.monotonic() + FAILURE_CHECK_INTERVAL_S
+                failure = await self._deployment_failure(request.model_name, version, audited)
+                if failure is not None:
+                    raise Unavailable(f"model '{request.model_name}' version {version} failed to load: {failure}")
             await asyncio.sleep(0.1)
         return pb.RepositoryModelLoadResponse()
+
+    async def _last_audit_sequence(self, model_name: str) -> int:
+        entries = await self._audit(model_name, 0)
+        return entries[-1].sequence if entries else 0
+
+    async def _deployment_failure(self, model_name: str, version: int, after_sequence: int) -> str | None:
+        """What the deployment controller reported of a worker of the version that exited."""
+        for entry in await self._audit(model_name, after_sequence):
+            if entry.action == "deployment.failed" and entry.version == version:
+                details = json.loads(entry.details_json or "{}")
+                return f"worker {details.get('worker', '?')} exited ({details.get('exit', '?')})"
+        return None
+
+    async def _audit(self, model_name: str, after_sequence: int):
+        try:
+            reply = await self._registry.ListAudit(registry_pb2.ListAuditRequest(
+                model_name=model_name, after_sequence=after_sequence), timeout=CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return []  # the timeout still bounds the wait
+        return reply.entries
 
     async def unload(self, request, context) -> pb.RepositoryModelUnloadResponse:
         version = await self._version(request.model_name, request.parameters, latest_if_unset=False)

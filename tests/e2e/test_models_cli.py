@@ -131,6 +131,50 @@ def test_alias_points_show_at_a_version_and_rm_is_refused_while_it_does(registry
     assert {"alias.set", "alias.delete", "version.delete"} <= set(actions)
 
 
+def test_a_gate_file_travels_with_the_version(registry, tmp_path):
+    gate = {"golden_embeddings": [{"text": "hello", "expected": [0.5, 0.5], "min_cosine": 0.999}],
+            "latency_budget_s": 2.0}
+    (tmp_path / "gate.json").write_text(json.dumps(gate))
+    folder = model_folder(tmp_path / "gated")
+    pushed = models_json(registry, "push", "gated", str(folder), "--task", "tensor", "--gate", str(tmp_path / "gate.json"))
+    assert pushed["version"]["gate"] == gate
+    assert models_json(registry, "show", "gated:1")["version"]["gate"] == gate
+    # A new gate on the same files is a new version: what must be passed is part of what a version is.
+    gate["latency_budget_s"] = 1.0
+    (tmp_path / "gate.json").write_text(json.dumps(gate))
+    again = models_json(registry, "push", "gated", str(folder), "--task", "tensor", "--gate", str(tmp_path / "gate.json"))
+    assert again["created"] and again["version"]["version"] == 2
+    (tmp_path / "bad.json").write_text('{"golden_prompts": 3}')
+    bad = models(registry, "push", "gated", str(folder), "--task", "tensor", "--gate", str(tmp_path / "bad.json"))
+    assert bad.returncode == 1 and "not a gate" in bad.stderr
+
+
+def test_traffic_sets_sticky_and_ab_keys_and_rollback_bounds_keeping_the_split(registry, tmp_path):
+    for seed in (1, 2):
+        models_json(registry, "push", "routed", str(model_folder(tmp_path / f"v{seed}", seed=seed)), "--task", "tensor")
+    no_policy = models(registry, "traffic", "routed", "--sticky-key", "x-user-id")
+    assert no_policy.returncode == 1 and "promote" in no_policy.stderr
+    with grpc.insecure_channel(registry) as channel:
+        registry_pb2_grpc.ModelRegistryStub(channel).SetTrafficPolicy(registry_pb2.SetTrafficPolicyRequest(
+            policy=registry_pb2.TrafficPolicy(model_name="routed", stable_version=1, splits=[
+                registry_pb2.TrafficSplit(version=1, percent=90), registry_pb2.TrafficSplit(version=2, percent=10)])))
+
+    changed = models_json(registry, "traffic", "routed", "--sticky-key", "x-user-id", "--ab-key", "x-variant",
+                          "--ab-route", "a=1", "--ab-route", "b=2", "--rollback-window-s", "20",
+                          "--rollback-min-requests", "50", "--reason", "experiment 7")["traffic_policy"]
+    assert changed["splits"] == [{"version": 1, "percent": 90.0}, {"version": 2, "percent": 10.0}]
+    assert (changed["sticky_key"], changed["ab_key"]) == ("x-user-id", "x-variant")
+    assert changed["ab_routes"] == [{"value": "a", "version": 1}, {"value": "b", "version": 2}]
+    assert (changed["rollback"]["window_s"], changed["rollback"]["min_requests"]) == (20.0, 50)
+    assert changed["revision"] == 2
+    cleared = models_json(registry, "traffic", "routed", "--ab-key", "")["traffic_policy"]
+    assert cleared["ab_key"] == "" and cleared["ab_routes"] == [] and cleared["sticky_key"] == "x-user-id"
+    human = models(registry, "traffic", "routed")
+    assert human.returncode == 0 and "sticky     by x-user-id" in human.stdout and "v2 10%" in human.stdout
+    audit = models_json(registry, "show", "routed")["audit"]
+    assert any(e["action"] == "traffic.set" and "experiment 7" in json.dumps(e) for e in audit)
+
+
 def test_diff_lists_files_by_sha256_and_config_changes(registry, tmp_path):
     a = model_folder(tmp_path / "a", seed=1, extra={"notes.txt": b"first", "vocab.txt": b"a\nb\n"})
     b = model_folder(tmp_path / "b", seed=2, extra={"vocab.txt": b"a\nb\n", "tokenizer.json": b"{}"})

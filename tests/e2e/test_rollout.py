@@ -225,3 +225,25 @@ def test_repository_unload_undeploys_every_version(fleet, registry):
     assert not registry.ListDeployments(registry_pb2.ListDeploymentsRequest(model_name=MODEL)).deployments
     wait_until(lambda: not workers_of(fleet, 1) and not workers_of(fleet, 2), 60, "every worker to stop")
     assert {m["state"] for m in index(fleet).values()} == {"UNAVAILABLE"}
+
+
+def test_a_version_that_cannot_load_fails_its_promote_at_once_saying_why(fleet, registry):
+    """Its weights are not a safetensors file: the worker the controller starts exits while loading,
+    the controller reports it, and promote stops waiting (its replica wait is minutes) and says so."""
+    v1 = registry.GetVersion(registry_pb2.GetVersionRequest(model_name=MODEL, version=1))
+    garbage = b"not weights " * 1000
+    blob = registry.UploadBlob(iter([registry_pb2.BlobChunk(data=garbage)]), metadata=ADMIN)
+    files = [registry_pb2.ModelFile(path=f.path, sha256=blob.sha256, size_bytes=blob.size_bytes)
+             if f.path.endswith(".safetensors") else f for f in v1.files]
+    broken = registry.CreateVersion(registry_pb2.CreateVersionRequest(
+        model_name=MODEL, files=files, config_json=v1.config_json), metadata=ADMIN).version
+    started_s = time.monotonic()
+    done = models_command(fleet, "promote", MODEL, str(broken), "--canary", "10", "--replica-wait-s", "240")
+    elapsed_s = time.monotonic() - started_s
+    assert done.returncode == 1, done.stdout
+    assert "did not load" in done.stderr and "exited" in done.stderr, done.stderr
+    assert elapsed_s < 120, f"promote waited {elapsed_s:.0f} s for a worker that had exited"
+    deployments = registry.ListDeployments(registry_pb2.ListDeploymentsRequest(model_name=MODEL)).deployments
+    assert {d.version: d.replicas for d in deployments}.get(broken, 0) == 0
+    entries = registry.ListAudit(registry_pb2.ListAuditRequest(model_name=MODEL)).entries
+    assert any(e.action == "deployment.failed" and e.version == broken for e in entries)
