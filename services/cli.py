@@ -57,6 +57,14 @@ def _add_admin_tls_flags(parser: argparse.ArgumentParser) -> None:
                         help="client certificate common names that may call admin methods (default tensoryard-admin)")
 
 
+def _add_discovery_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--discovery", dest="discovery_url", metavar="URL",
+                        help="where to register and find instances: consul://host:port (Consul's HTTP API) "
+                             "or a registry's host:port (default: the embedded catalog of --registry)")
+    parser.add_argument("--consul-token-file", type=Path, dest="consul_token_file",
+                        help="file whose first line is the Consul ACL token (else $CONSUL_HTTP_TOKEN)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensoryard", description="AI inference: registry, router, workers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--prometheus-port", type=int, default=9090, help="0: any free port (one in use: a free one)")
     up.add_argument("--no-metrics", action="store_true",
                     help="no metrics endpoint or Prometheus observations in any process (ModelStatistics still counts)")
+    up.add_argument("--autoscale", action="store_true",
+                    help="the registry autoscales the demo deployments (local actuator: worker processes here)")
+    up.add_argument("--min-replicas", type=int, default=1, help="with --autoscale: the fewest workers per model")
+    up.add_argument("--max-replicas", type=int, default=4, help="with --autoscale: the most workers per model")
+    up.add_argument("--autoscale-interval-s", type=float, help="with --autoscale: seconds between decisions")
 
     registry = sub.add_parser("registry", help="run the model registry and embedded discovery")
     registry.add_argument("--host")
@@ -91,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
                           help="blobs: s3://bucket/prefix (default: --data-dir/blobs on local disk)")
     registry.add_argument("--s3-endpoint-url", dest="s3_endpoint_url",
                           help="S3-compatible endpoint for --blob-store (default: AWS)")
+    registry.add_argument("--autoscale", dest="autoscale_actuator", choices=("none", "local", "nomad"),
+                          help="run the autoscaler with this actuator (none: publish decisions only); "
+                               "thresholds and windows: TENSORYARD_SCALE_* (docs/ARCHITECTURE.md, Autoscaling)")
+    registry.add_argument("--autoscale-interval-s", type=float, dest="autoscale_interval_s")
     _add_admin_token_flag(registry)
     _add_admin_tls_flags(registry)
     _add_telemetry_flags(registry)
@@ -113,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument("--migrate-after-s", type=float, dest="migrate_after_s")
     router.add_argument("--drain-timeout-s", type=float, dest="drain_timeout_s")
     router.add_argument("--max-message-bytes", type=int, dest="max_message_bytes")
+    _add_discovery_flags(router)
     _add_telemetry_flags(router)
 
     worker = sub.add_parser("worker", help="serve one model version")
@@ -148,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="largest request or response message (default 64 MiB)")
     _add_admin_token_flag(worker)
     _add_admin_tls_flags(worker)
+    _add_discovery_flags(worker)
     _add_telemetry_flags(worker)
 
     add_models_commands(sub, _add_admin_token_flag)
@@ -186,10 +205,22 @@ def with_otel_conventions(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def with_consul_conventions(env: dict[str, str]) -> dict[str, str]:
+    """Consul's own CONSUL_HTTP_TOKEN (else CONSUL_HTTP_TOKEN_FILE, as Consul's client orders them),
+    below TENSORYARD_CONSUL_TOKEN; --consul-token-file wins over both."""
+    if "TENSORYARD_CONSUL_TOKEN" in env or "TENSORYARD_CONSUL_TOKEN_FILE" in env:
+        return env
+    if env.get("CONSUL_HTTP_TOKEN"):
+        return {"TENSORYARD_CONSUL_TOKEN": env["CONSUL_HTTP_TOKEN"], **env}
+    if env.get("CONSUL_HTTP_TOKEN_FILE"):
+        return {"TENSORYARD_CONSUL_TOKEN_FILE": env["CONSUL_HTTP_TOKEN_FILE"], **env}
+    return env
+
+
 def _run_service(args: argparse.Namespace, env: dict[str, str]) -> int:
     from services.common.telemetry import configure_telemetry
 
-    env = with_otel_conventions(env)
+    env = with_consul_conventions(with_otel_conventions(env))
 
     if args.command == "registry":
         from services.registry.server import serve
@@ -231,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                 prometheus_binary=find_prometheus(env.get("PATH")) if args.prometheus else None,
                 prometheus_port=args.prometheus_port,
                 metrics=not args.no_metrics,
+                autoscale=args.autoscale,
+                min_replicas=args.min_replicas,
+                max_replicas=args.max_replicas,
+                autoscale_interval_s=args.autoscale_interval_s,
             )
             return Launcher(options, env).run()
         if args.command == "models":

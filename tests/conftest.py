@@ -23,6 +23,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+# The Consul stand-in's fixtures (consul_standin, consul_url, start_consul_standin) for every test.
+pytest_plugins = ["tests.support.consul_fixtures"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "all-MiniLM-L6-v2"
 

@@ -83,6 +83,134 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    # Where instances register and are found (services/common/discovery_backends.py): "" for the
+    # embedded catalog of the registry at registry_address, a registry's host:port, or
+    # consul://host:port (consul+https://host:port) for Consul's HTTP API on that agent.
+    discovery_url: str = ""
+    # Consul ACL token: the first line of --consul-token-file when one is named, else
+    # TENSORYARD_CONSUL_TOKEN (cli.py also takes Consul's CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE).
+    consul_token: str = ""
+    consul_token_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        scheme, sep, _ = self.discovery_url.partition("://")
+        if sep and scheme not in ("consul", "consul+https"):
+            raise ValueError(f"discovery_url must be host:port, consul://host:port or consul+https://host:port, "
+                             f"not {self.discovery_url!r}")
+
+
+ACTUATORS = ("none", "local", "nomad")
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscaleConfig:
+    """The registry's autoscaler (services/autoscale/): how often it decides, the policy's thresholds
+    and windows (services/autoscale/policy.py says how each is used), and the actuator. Thresholds
+    are per replica; each signal has a scale-up and a lower scale-down threshold (the band between
+    them holds the count: hysteresis). Names carry `scale_`/`autoscale_` because nested configs
+    share one flat namespace of flags and TENSORYARD_* variables."""
+
+    # "" (off: no autoscaler), "none" (decide and publish only), "local" (the registry's own
+    # deployments, which `tensoryard up` runs as child processes) or "nomad" (Nomad's job scale API).
+    autoscale_actuator: str = ""
+    autoscale_interval_s: float = 15.0
+    # KV-cache use (used / total blocks): llm-d calls a replica saturated at 0.8; Dynamo's planner
+    # scales decode down below 0.5.
+    scale_up_kv_fraction: float = 0.8
+    scale_down_kv_fraction: float = 0.5
+    # Requests waiting for a seat (llm-d: saturated at 5).
+    scale_up_waiting_per_replica: float = 5.0
+    scale_down_waiting_per_replica: float = 1.0
+    # Prompt tokens not yet computed.
+    scale_up_queued_tokens_per_replica: float = 8192.0
+    scale_down_queued_tokens_per_replica: float = 2048.0
+    # Requests in flight, for replicas that report no seats (embedding models); an LLM replica's
+    # seats (max_num_seqs) replace scale_up_in_flight_per_replica, the down threshold in proportion.
+    scale_up_in_flight_per_replica: float = 8.0
+    scale_down_in_flight_per_replica: float = 2.0
+    # Time to first token against the SLO: the replicas' own estimate of the wait before a first
+    # token, or an observed p99 where known; scale down only below scale_down_ttft_fraction of it.
+    # 0: not a signal.
+    ttft_slo_s: float = 1.0
+    scale_down_ttft_fraction: float = 0.5
+    # Stabilisation, Kubernetes HPA's semantics: act on the lowest recommendation of the last
+    # scale_up_window_s when scaling up, the highest of the last scale_down_window_s when down.
+    scale_up_window_s: float = 0.0
+    scale_down_window_s: float = 300.0
+    # At most max(max_step, ceil(ratio * current)) replicas added (removed: floor) per interval.
+    max_step_up: int = 4
+    max_step_up_ratio: float = 1.0
+    max_step_down: int = 1
+    max_step_down_ratio: float = 0.1
+    # A deployment whose min_replicas is 0 goes to 0 after this long without a request.
+    scale_to_zero_idle_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.autoscale_actuator not in ("", *ACTUATORS):
+            raise ValueError(f"autoscale_actuator must be one of {', '.join(ACTUATORS)} (or empty: off), "
+                             f"not {self.autoscale_actuator!r}")
+        if self.autoscale_interval_s <= 0:
+            raise ValueError(f"autoscale_interval_s must be > 0, not {self.autoscale_interval_s}")
+        for signal in ("kv_fraction", "waiting_per_replica", "queued_tokens_per_replica", "in_flight_per_replica"):
+            up, down = getattr(self, f"scale_up_{signal}"), getattr(self, f"scale_down_{signal}")
+            if not 0 <= down < up:
+                raise ValueError(f"scale_down_{signal} ({down}) must be >= 0 and below scale_up_{signal} ({up})")
+        if self.scale_up_kv_fraction > 1:
+            raise ValueError(f"scale_up_kv_fraction must be at most 1, not {self.scale_up_kv_fraction}")
+        if self.ttft_slo_s < 0 or not 0 < self.scale_down_ttft_fraction < 1:
+            raise ValueError("ttft_slo_s must be >= 0 and scale_down_ttft_fraction in (0, 1)")
+        for name in ("scale_up_window_s", "scale_down_window_s", "scale_to_zero_idle_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.max_step_up < 1 or self.max_step_down < 1:
+            raise ValueError("max_step_up and max_step_down must be >= 1")
+        if self.max_step_up_ratio < 0 or not 0 <= self.max_step_down_ratio <= 1:
+            raise ValueError("max_step_up_ratio must be >= 0 and max_step_down_ratio in [0, 1]")
+
+
+@dataclass(frozen=True, slots=True)
+class NomadConfig:
+    """The `nomad` actuator (services/autoscale/nomad.py): where Nomad is and which task group runs a
+    deployment. Field names carry `nomad_` since nested configs share one flat namespace of flags."""
+
+    nomad_address: str = "http://127.0.0.1:4646"
+    # ACL token (X-Nomad-Token): nomad_token, or the first line of nomad_token_file. Neither: no header.
+    nomad_token: str = ""
+    nomad_token_file: Path | None = None
+    nomad_namespace: str = "default"
+    nomad_region: str = ""  # empty: the agent's own region
+    # (model, version) -> (job id, task group); {model} and {version} are replaced.
+    nomad_job_template: str = "tensoryard-workers"
+    nomad_group_template: str = "{model}-v{version}"
+    # "job scaling blocked due to active deployment": tries in all, and the backoff between them.
+    nomad_max_attempts: int = 5
+    nomad_retry_initial_s: float = 1.0
+    nomad_retry_max_s: float = 10.0
+    nomad_request_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.nomad_address.startswith(("http://", "https://")):
+            raise ValueError(f"nomad_address must start with http:// or https://, not {self.nomad_address!r}")
+        if self.nomad_token and self.nomad_token_file is not None:
+            raise ValueError("nomad_token and nomad_token_file: give one, not both")
+        for name in ("nomad_job_template", "nomad_group_template"):
+            template = getattr(self, name)
+            try:
+                filled = template.format(model="m", version=1)
+            except (KeyError, IndexError, ValueError):
+                raise ValueError(f"{name}: {template!r} may name only {{model}} and {{version}}") from None
+            if not filled:
+                raise ValueError(f"{name} must not be empty")
+        if self.nomad_max_attempts < 1:
+            raise ValueError(f"nomad_max_attempts must be >= 1, not {self.nomad_max_attempts}")
+        if not 0 <= self.nomad_retry_initial_s <= self.nomad_retry_max_s:
+            raise ValueError("nomad_retry_initial_s must be >= 0 and at most nomad_retry_max_s")
+        if self.nomad_request_timeout_s <= 0:
+            raise ValueError(f"nomad_request_timeout_s must be > 0, not {self.nomad_request_timeout_s}")
+
+
+@dataclass(frozen=True, slots=True)
 class RegistryConfig:
     host: str = "127.0.0.1"
     port: int = 7070
@@ -99,6 +227,8 @@ class RegistryConfig:
     default_lease_ttl_ms: int = 10_000
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
+    nomad: NomadConfig = field(default_factory=NomadConfig)  # the `nomad` actuator's
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
@@ -148,6 +278,7 @@ class WorkerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -204,6 +335,7 @@ class RouterConfig:
     # On SIGTERM: how long in-flight requests get to finish.
     drain_timeout_s: float = 30.0
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)

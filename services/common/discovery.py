@@ -73,10 +73,15 @@ class Registration:
 
 
 class DiscoveryClient:
-    def __init__(self, channel: grpc.aio.Channel):
+    def __init__(self, channel: grpc.aio.Channel, owns_channel: bool = False):
+        self._channel = channel
+        self._owns_channel = owns_channel  # made for this client (discovery_backends): close closes it
         self._stub = discovery_pb2_grpc.DiscoveryStub(channel)
 
-    async def register(self, instance: discovery_pb2.Instance, ttl_ms: int) -> Registration:
+    async def register(self, instance: discovery_pb2.Instance, ttl_ms: int, healthy=None) -> Registration:
+        """`healthy` is for the Consul backend's TTL check; the embedded lease does not use it: it
+        lists an instance while its process renews the lease, and routers learn of a stalled engine
+        from the worker's load stream at once."""
         registration = Registration(self._stub, instance, ttl_ms)
         await registration.start()
         return registration
@@ -106,3 +111,7 @@ class DiscoveryClient:
             after_index = 0
             await asyncio.sleep(RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)])
             attempt += 1
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self._channel.close()

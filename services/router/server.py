@@ -16,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import grpc
 import prometheus_client
 
 # Imported for their descriptors: reflection describes every service the router serves.
 from protos.inference import grpc_service_pb2  # noqa: F401
 from protos.tensoryard.v1 import discovery_pb2, embeddings_pb2, generation_pb2  # noqa: F401
 from services.common.config import RouterConfig
-from services.common.discovery import DiscoveryClient, Registration
+from services.common.discovery_backends import (
+    DISCOVERY_ERRORS, Discovery, Registration, discovery_from_url, read_consul_token,
+)
 from services.common.gc_tuning import freeze_startup_objects
 from services.common.grpc_server import GrpcHost, aio_channel, install_signal_handlers
 from services.common.telemetry import get_logger, start_metrics_server
@@ -64,12 +65,16 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     their own event loop)."""
     metrics_port = start_metrics_server(config.telemetry, config.host)
     registry = aio_channel(config.registry_address)
+    discovery = discovery_from_url(
+        config.discovery.discovery_url or config.registry_address,
+        read_consul_token(config.discovery.consul_token, config.discovery.consul_token_file),
+    )
     catalog = ModelCatalog(registry)
     prompts = PromptTokenizers(registry)
     host = GrpcHost(config.max_message_bytes, role="router")
     readiness = _Readiness(host)
     pool = BackendPool(
-        DiscoveryClient(registry), config.max_message_bytes, pool_config(config), KvIndex(),
+        discovery, config.max_message_bytes, pool_config(config), KvIndex(),
         model_task=catalog.task, on_change=readiness.changed,
     )
     limiter = InFlightLimiter(config.max_in_flight_per_model)
@@ -96,7 +101,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
         log.warning("router_catalog_unavailable", error=str(error))
     pool.start()
     refresher = asyncio.create_task(catalog.run())
-    registering = asyncio.create_task(_register(DiscoveryClient(registry), f"{config.host}:{port}", metrics_port))
+    registering = asyncio.create_task(_register(discovery, f"{config.host}:{port}", metrics_port))
     log.info("router_listening", address=f"{config.host}:{port}", metrics_port=metrics_port,
              models=list(config.served_models))
     if stop is None:
@@ -118,12 +123,13 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     await host.stop(grace_s=config.drain_timeout_s)
     await pool.close()
     await registry.close()
+    await discovery.close()
     if collector is not None:  # a caller may run another router in this process
         prometheus_client.REGISTRY.unregister(collector)
     log.info("router_stopped")
 
 
-async def _register(discovery: DiscoveryClient, address: str, metrics_port: int | None) -> Registration:
+async def _register(discovery: Discovery, address: str, metrics_port: int | None) -> Registration:
     """Register as service `router` (retrying while the registry is away); the registration keeps
     its lease alive from then on."""
     instance = discovery_pb2.Instance(
@@ -136,9 +142,9 @@ async def _register(discovery: DiscoveryClient, address: str, metrics_port: int 
             registration = await discovery.register(instance, LEASE_TTL_MS)
             log.info("router_registered", instance_id=instance.instance_id, address=address)
             return registration
-        except grpc.aio.AioRpcError as error:
+        except DISCOVERY_ERRORS as error:
             if attempt == 0:
-                log.warning("router_registration_failed", code=error.code().name, details=error.details())
+                log.warning("router_registration_failed", error=str(error))
             await asyncio.sleep(REGISTER_RETRY_S[min(attempt, len(REGISTER_RETRY_S) - 1)])
             attempt += 1
 

@@ -30,7 +30,7 @@ from protos.tensoryard.v1 import discovery_pb2, embeddings_pb2_grpc, generation_
 from services.common.admin_auth import read_admin_token
 from services.common.gc_tuning import freeze_startup_objects
 from services.common.config import WorkerConfig
-from services.common.discovery import DiscoveryClient, Registration
+from services.common.discovery_backends import Registration, discovery_from_url, read_consul_token
 from services.common.errors import IntegrityError
 from services.common.grpc_server import GrpcHost, aio_channel, install_signal_handlers
 from services.common.telemetry import get_logger, start_metrics_server
@@ -90,6 +90,11 @@ class Worker:
                  admin_tls_port=self.host.admin_tls_port)
         install_signal_handlers(self.stopped)
         registry = aio_channel(self.config.registry_address)
+        discovery_config = self.config.discovery
+        discovery = discovery_from_url(
+            discovery_config.discovery_url or self.config.registry_address,
+            read_consul_token(discovery_config.consul_token, discovery_config.consul_token_file),
+        )
         loading = asyncio.create_task(self._load(registry))
         await asyncio.wait([loading, asyncio.create_task(self.stopped.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not loading.done():  # stopped while loading
@@ -100,7 +105,7 @@ class Worker:
         if exit_code:
             await self.host.stop(grace_s=0)
             return exit_code
-        self.registration = await DiscoveryClient(registry).register(
+        self.registration = await discovery.register(
             discovery_pb2.Instance(
                 instance_id=self.state.worker_id,
                 service="worker",
@@ -111,6 +116,9 @@ class Worker:
                           "pid": str(os.getpid())},
             ),
             self.config.lease_ttl_ms,
+            # Consul's TTL check passes only while this holds: SERVING, which an engine that stops
+            # making progress leaves (STALLED) as its gRPC health turns NOT_SERVING.
+            healthy=lambda: self.state.serving,
         )
         log.info("worker_ready", address=address, model=self.state.model.name, version=self.state.model.version)
         watchdog = self._watch_engine()
@@ -121,6 +129,7 @@ class Worker:
             watchdog.cancel()
         await self.host.stop(grace_s=CUT_OFF_GRACE_S)
         await registry.close()
+        await discovery.close()
         log.info("worker_stopped", exit_code=self.exit_code)
         return self.exit_code
 
