@@ -1,0 +1,1 @@
+"""The deployment controller's autoscaling: signals in, desired replicas out, applied by an actuator."""
