@@ -107,8 +107,17 @@ class UpOptions:
     # `up --no-metrics`: every child runs with --metrics-port -1 (no endpoint, no Prometheus
     # observations; ModelStatistics still counts), and nothing is listed as a scrape target.
     metrics: bool = True
+    # `up --autoscale`: the registry runs its autoscaler with the local actuator, and the demo
+    # deployments are recorded autoscaled within min_replicas..max_replicas.
+    autoscale: bool = False
+    min_replicas: int = 1
+    max_replicas: int = 4
+    autoscale_interval_s: float | None = None  # None: the registry's default
 
     def __post_init__(self) -> None:
+        if self.autoscale and not 0 <= self.min_replicas <= self.workers_per_model <= self.max_replicas:
+            raise ValueError(f"--autoscale needs min_replicas <= workers_per_model <= max_replicas, not "
+                             f"{self.min_replicas} <= {self.workers_per_model} <= {self.max_replicas}")
         if not (self.with_llm or self.with_embedding):
             raise ValueError("with_llm and with_embedding are both off: there would be nothing to serve")
         if self.workers_per_model < 1:
@@ -212,7 +221,7 @@ class Launcher:
             registry_metrics_port = self.metrics_port(o.registry_metrics_port)
             self.spawn(
                 "registry", "registry", "--host", o.host, "--port", str(o.registry_port),
-                "--data-dir", str(o.home / "registry"), metrics_port=registry_metrics_port,
+                "--data-dir", str(o.home / "registry"), *self._autoscale_flags(), metrics_port=registry_metrics_port,
             )
             self._wait_health("registry", registry_address, stop_requested)
             self.say(f"  registry  {registry_address}  (metrics :{registry_metrics_port})")
@@ -313,6 +322,19 @@ class Launcher:
             args=(*key, event.name, event.exit_description, str(event.log_path)), daemon=True,
         ).start()
 
+    def _autoscale_flags(self) -> tuple[str, ...]:
+        o = self.options
+        if not o.autoscale:
+            return ()
+        interval = ("--autoscale-interval-s", str(o.autoscale_interval_s)) if o.autoscale_interval_s else ()
+        return ("--autoscale", "local", *interval)
+
+    def _autoscale_bounds(self) -> dict:
+        o = self.options
+        if not o.autoscale:
+            return {}
+        return {"autoscale": True, "min_replicas": o.min_replicas, "max_replicas": o.max_replicas}
+
     def _start_controller(self, registry_address: str, demo_versions: dict[str, int]) -> None:
         """Record the demo workers as their versions' deployments, then follow the registry's
         deployments (services/rollout/controller.py)."""
@@ -322,7 +344,8 @@ class Launcher:
             try:
                 stub.SetDeployment(registry_pb2.SetDeploymentRequest(
                     deployment=registry_pb2.Deployment(model_name=model_name, version=version,
-                                                       replicas=self.options.workers_per_model),
+                                                       replicas=self.options.workers_per_model,
+                                                       **self._autoscale_bounds()),
                     reason="tensoryard up: its demo workers"), timeout=10)
             except grpc.RpcError as error:
                 # Without its demo deployments recorded the controller would stop the demo workers.

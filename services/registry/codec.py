@@ -130,7 +130,9 @@ def policy_to_proto(policy: TrafficPolicy) -> registry_pb2.TrafficPolicy:
 
 def deployment_to_proto(deployment: DeploymentRecord) -> registry_pb2.Deployment:
     return registry_pb2.Deployment(model_name=deployment.model_name, version=deployment.version,
-                                   replicas=deployment.replicas, updated_at_s=deployment.updated_at_s)
+                                   replicas=deployment.replicas, updated_at_s=deployment.updated_at_s,
+                                   min_replicas=deployment.min_replicas, max_replicas=deployment.max_replicas,
+                                   autoscale=deployment.autoscale)
 
 
 def audit_to_proto(entry: AuditEntry) -> registry_pb2.AuditEntry:

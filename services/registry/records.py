@@ -128,6 +128,11 @@ class DeploymentRecord:
     version: int
     replicas: int  # 0: none wanted
     updated_at_s: float
+    # Autoscaled (issue 12): the registry's autoscaler sets `replicas` within these bounds. A fixed
+    # deployment has autoscale False and both bounds 0.
+    min_replicas: int = 0
+    max_replicas: int = 0
+    autoscale: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,7 +105,29 @@ _SQLITE_V2 = (
         BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY}'); END""",
 )
 
-SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SQLITE_V1, _SQLITE_V2)
+# Autoscaled deployments (issue 12): bounds and the autoscale flag; an autoscaled deployment keeps
+# its row at 0 replicas (scaled to zero), so replicas may now be 0. SQLite cannot change a CHECK in
+# place: the table is rebuilt.
+_SQLITE_V3 = (
+    """CREATE TABLE deployments_v3 (
+        model_name   TEXT NOT NULL,
+        version      INTEGER NOT NULL,
+        replicas     INTEGER NOT NULL CHECK (replicas >= 0),
+        updated_at_s REAL NOT NULL,
+        min_replicas INTEGER NOT NULL DEFAULT 0 CHECK (min_replicas >= 0),
+        max_replicas INTEGER NOT NULL DEFAULT 0 CHECK (max_replicas >= min_replicas),
+        autoscale    INTEGER NOT NULL DEFAULT 0 CHECK (autoscale IN (0, 1)),
+        CHECK (replicas >= 1 OR autoscale = 1),
+        PRIMARY KEY (model_name, version),
+        FOREIGN KEY (model_name, version) REFERENCES versions (model_name, version)
+    )""",
+    "INSERT INTO deployments_v3 (model_name, version, replicas, updated_at_s) "
+    "SELECT model_name, version, replicas, updated_at_s FROM deployments",
+    "DROP TABLE deployments",
+    "ALTER TABLE deployments_v3 RENAME TO deployments",
+)
+
+SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SQLITE_V1, _SQLITE_V2, _SQLITE_V3)
 
 _PG_V1 = (
     """CREATE TABLE models (
@@ -151,7 +173,17 @@ _PG_V2 = (
         FOR EACH STATEMENT EXECUTE FUNCTION tensoryard_refuse('{APPEND_ONLY}')""",
 )
 
-POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (_PG_V1, _PG_V2)
+_PG_V3 = (
+    "ALTER TABLE deployments DROP CONSTRAINT deployments_replicas_check",
+    "ALTER TABLE deployments ADD COLUMN min_replicas INTEGER NOT NULL DEFAULT 0 CHECK (min_replicas >= 0)",
+    "ALTER TABLE deployments ADD COLUMN max_replicas INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE deployments ADD COLUMN autoscale INTEGER NOT NULL DEFAULT 0 CHECK (autoscale IN (0, 1))",
+    "ALTER TABLE deployments ADD CONSTRAINT deployments_replicas_check CHECK (replicas >= 0)",
+    "ALTER TABLE deployments ADD CONSTRAINT deployments_bounds_check CHECK (max_replicas >= min_replicas)",
+    "ALTER TABLE deployments ADD CONSTRAINT deployments_zero_check CHECK (replicas >= 1 OR autoscale = 1)",
+)
+
+POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (_PG_V1, _PG_V2, _PG_V3)
 
 SCHEMA_VERSION = len(SQLITE_MIGRATIONS)
 if len(POSTGRES_MIGRATIONS) != SCHEMA_VERSION:

@@ -54,6 +54,22 @@ async def _expire_leases(catalog: DiscoveryCatalog) -> None:
             log.warning("lease_expired", instance_id=instance_id)
 
 
+def _start_autoscaler(config: RegistryConfig, store: ModelStore, catalog: DiscoveryCatalog) -> asyncio.Task | None:
+    """The autoscaler (services/autoscale/controller.py) when `autoscale_actuator` names one; it
+    reads the workers discovery lists and publishes its decisions in the discovery KV."""
+    if not config.autoscale.autoscale_actuator:
+        return None
+    from services.autoscale.controller import AutoscaleController, make_actuator
+    from services.autoscale.signals import SignalReader, catalog_workers
+
+    controller = AutoscaleController(
+        config.autoscale, store.list_deployments, SignalReader(catalog_workers(catalog)),
+        make_actuator(config.autoscale, store, config.nomad),
+        publish=lambda key, value: catalog.kv_put(key, value),
+    )
+    return asyncio.create_task(controller.run())
+
+
 async def serve(config: RegistryConfig, stop: asyncio.Event | None = None) -> None:
     """Run the registry until SIGINT/SIGTERM (or until `stop` is set, for callers that run it in
     their own event loop)."""
@@ -82,6 +98,7 @@ async def serve(config: RegistryConfig, stop: asyncio.Event | None = None) -> No
     # idle while no policy gives a canary a share. With several registries on one database each
     # runs one: the policy revision check lets only the first rollback through.
     guard = asyncio.create_task(store_guard(store, catalog).run())
+    autoscaler = _start_autoscaler(config, store, catalog)
     log.info("registry_ready", address=f"{config.host}:{port}", metrics_port=metrics_port,
              admin_tls_port=host.admin_tls_port,
              data_dir=str(config.data_dir))
@@ -92,5 +109,7 @@ async def serve(config: RegistryConfig, stop: asyncio.Event | None = None) -> No
     log.info("registry_stopping")
     sweeper.cancel()
     guard.cancel()
+    if autoscaler is not None:
+        autoscaler.cancel()
     await host.stop(grace_s=2.0)
     store.close()

@@ -179,7 +179,8 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def SetDeployment(self, request, context):
         d = request.deployment
         deployment = await asyncio.to_thread(
-            self._store.set_deployment, d.model_name, d.version, d.replicas, request.reason, self._actor(context)
+            self._store.set_deployment, d.model_name, d.version, d.replicas, request.reason, self._actor(context),
+            d.min_replicas, d.max_replicas, d.autoscale,
         )
         return codec.deployment_to_proto(deployment)
 

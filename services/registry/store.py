@@ -378,20 +378,60 @@ class ModelStore:
     # -- deployments ----------------------------------------------------------------------
 
     def set_deployment(
-        self, model_name: str, version: int, replicas: int, reason: str = "", actor: str = "local"
+        self, model_name: str, version: int, replicas: int, reason: str = "", actor: str = "local",
+        min_replicas: int = 0, max_replicas: int = 0, autoscale: bool = False,
     ) -> DeploymentRecord:
+        """The whole record: without `autoscale` the count is fixed (an operator's count turns the
+        autoscaler off for this version); with it the autoscaler moves `replicas` within
+        min_replicas..max_replicas."""
         validate_model_name(model_name)
         _check_version_number(version)
-        if type(replicas) is not int or not 0 <= replicas <= MAX_REPLICAS:
-            raise InvalidArgument(f"replicas must be 0..{MAX_REPLICAS}, got {replicas!r}")
-        record = DeploymentRecord(model_name, version, replicas, self._clock())
+        for name, value in (("replicas", replicas), ("min_replicas", min_replicas), ("max_replicas", max_replicas)):
+            if type(value) is not int or not 0 <= value <= MAX_REPLICAS:
+                raise InvalidArgument(f"{name} must be 0..{MAX_REPLICAS}, got {value!r}")
+        if autoscale and not (min_replicas <= replicas <= max_replicas and max_replicas >= 1):
+            raise InvalidArgument(f"an autoscaled deployment needs min_replicas <= replicas <= max_replicas and "
+                                  f"max_replicas >= 1, got {min_replicas} <= {replicas} <= {max_replicas}")
+        if not autoscale and (min_replicas or max_replicas):
+            raise InvalidArgument("min_replicas and max_replicas are the autoscaler's bounds: set autoscale too")
+        record = DeploymentRecord(model_name, version, replicas, self._clock(), min_replicas, max_replicas,
+                                  bool(autoscale))
 
         def work(conn: Connection) -> DeploymentRecord:
             conn.lock_model(model_name)
             self._read_version(conn, model_name, version)
             version_rows.put_deployment(conn, record)
             details = {"replicas": replicas, "reason": reason}
+            if autoscale:
+                details.update(autoscale=True, min_replicas=min_replicas, max_replicas=max_replicas)
             self._audit(conn, actor, "deployment.set", model_name, version, details)
+            return record
+
+        return self._db.run(work, write=True)
+
+    def scale_deployment(
+        self, model_name: str, version: int, replicas: int, reason: str, actor: str = "autoscaler"
+    ) -> DeploymentRecord | None:
+        """The autoscaler's write: `replicas` of a deployment that is still autoscaled, within its
+        bounds, in the same transaction that checks so (an operator who fixed the count or removed the
+        deployment since the autoscaler read it wins). None when it is no longer autoscaled."""
+        validate_model_name(model_name)
+        _check_version_number(version)
+
+        def work(conn: Connection) -> DeploymentRecord | None:
+            conn.lock_model(model_name)
+            current = version_rows.deployment(conn, model_name, version)
+            if current is None or not current.autoscale:
+                return None
+            if not current.min_replicas <= replicas <= current.max_replicas:
+                raise InvalidArgument(f"{replicas} replicas is outside {model_name} v{version}'s bounds "
+                                      f"{current.min_replicas}..{current.max_replicas}")
+            if replicas == current.replicas:
+                return current
+            record = replace(current, replicas=replicas, updated_at_s=self._clock())
+            version_rows.put_deployment(conn, record)
+            self._audit(conn, actor, "deployment.scale", model_name, version,
+                        {"replicas": replicas, "previous_replicas": current.replicas, "reason": reason})
             return record
 
         return self._db.run(work, write=True)

@@ -206,24 +206,42 @@ def upsert_traffic_policy(conn: Connection, policy: TrafficPolicy) -> None:
 # -- deployments --------------------------------------------------------------------------
 
 
+_DEPLOYMENT_COLUMNS = "model_name, version, replicas, updated_at_s, min_replicas, max_replicas, autoscale"
+
+
+def _deployment(row) -> DeploymentRecord:
+    *head, autoscale = row
+    return DeploymentRecord(*head, autoscale=bool(autoscale))
+
+
 def deployments(conn: Connection, model_name: str = "") -> list[DeploymentRecord]:
-    sql = "SELECT model_name, version, replicas, updated_at_s FROM deployments"
+    sql = f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments"
     params: tuple = ()
     if model_name:
         sql, params = sql + " WHERE model_name = ?", (model_name,)
-    return [DeploymentRecord(*row) for row in conn.execute(sql + " ORDER BY model_name, version", params)]
+    return [_deployment(row) for row in conn.execute(sql + " ORDER BY model_name, version", params)]
+
+
+def deployment(conn: Connection, model_name: str, version: int) -> DeploymentRecord | None:
+    rows = conn.execute(f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments WHERE model_name = ? AND version = ?",
+                        (model_name, version))
+    return next((_deployment(row) for row in rows), None)
 
 
 def put_deployment(conn: Connection, deployment: DeploymentRecord) -> None:
+    """A fixed deployment at 0 replicas is no deployment (the row goes); an autoscaled one keeps
+    its row at 0 (scaled to zero, to come back when requests arrive)."""
     key = (deployment.model_name, deployment.version)
-    if deployment.replicas == 0:
+    if deployment.replicas == 0 and not deployment.autoscale:
         conn.execute("DELETE FROM deployments WHERE model_name = ? AND version = ?", key)
         return
     conn.execute(
-        "INSERT INTO deployments (model_name, version, replicas, updated_at_s) VALUES (?, ?, ?, ?) "
+        f"INSERT INTO deployments ({_DEPLOYMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (model_name, version) DO UPDATE SET replicas = excluded.replicas, "
-        "updated_at_s = excluded.updated_at_s",
-        (*key, deployment.replicas, deployment.updated_at_s),
+        "updated_at_s = excluded.updated_at_s, min_replicas = excluded.min_replicas, "
+        "max_replicas = excluded.max_replicas, autoscale = excluded.autoscale",
+        (*key, deployment.replicas, deployment.updated_at_s, deployment.min_replicas, deployment.max_replicas,
+         int(deployment.autoscale)),
     )
 
 

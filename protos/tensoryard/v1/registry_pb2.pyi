@@ -359,16 +359,22 @@ class SetTrafficPolicyRequest(_message.Message):
     def __init__(self, policy: _Optional[_Union[TrafficPolicy, _Mapping]] = ..., expected_revision: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("model_name", "version", "replicas", "updated_at_s")
+    __slots__ = ("model_name", "version", "replicas", "updated_at_s", "min_replicas", "max_replicas", "autoscale")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     replicas: int
     updated_at_s: float
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., replicas: _Optional[int] = ..., updated_at_s: _Optional[float] = ...) -> None: ...
+    min_replicas: int
+    max_replicas: int
+    autoscale: bool
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., replicas: _Optional[int] = ..., updated_at_s: _Optional[float] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., autoscale: _Optional[bool] = ...) -> None: ...
 
 class SetDeploymentRequest(_message.Message):
     __slots__ = ("deployment", "reason")
