@@ -23,8 +23,9 @@ from tests.conftest import REPO_ROOT, cli, free_port, health_status, start_regis
 from tests.unit.model_sources import REVISION, hf_cache, hf_folder
 
 BIG_FILE_BYTES = 8 << 20
-# Slow enough that the push is still sending when the test kills it.
-SLOW_PUSH = ("--chunk-bytes", str(64 << 10), "--max-bytes-per-s", str(2 << 20))
+# Slow enough that the push is still sending when the test kills it: 8 MiB at 512 KiB/s leaves
+# some 14 s after the first MiB, room for a loaded 2-core machine to notice and send the signal.
+SLOW_PUSH = ("--chunk-bytes", str(64 << 10), "--max-bytes-per-s", str(512 << 10))
 
 
 @pytest.fixture(scope="module")
