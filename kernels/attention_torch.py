@@ -21,6 +21,11 @@ and every row pads to the longest of its call. With prompts of 40 to 300 tokens,
 decode rows copied and attended over ~45% padding; so the rows are sorted by length and split into
 groups of similar length (`_length_groups`), one gather and one SDPA call each. On the 2-core CPU
 this took a 32-sequence decode step of SmolLM2-135M from about 112 to 100 ms.
+
+`paged_attention_cpu` is the same with the decode rows sent to the compiled CPU kernel
+(`kernels/paged_decode_cpu.py`), which reads the blocks in place: no gather, no padding, no
+buffers. Prefill chunks take the path above. Where the kernel is not built, does not load or does
+not take the inputs (a CUDA tensor, another dtype), it is exactly `paged_attention_torch`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import paged_decode_cpu
 from kernels.ops import AttentionMetadata
 
 
@@ -59,9 +65,21 @@ class _PrefillChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class _KernelDecodePlan:
+    """The decode rows of a step as the compiled kernel takes them."""
+
+    seq_ids: torch.Tensor  # [R] int32: sequences with one new token
+    q_rows: torch.Tensor  # [R] int64: their rows of q
+    context_lens: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, max_blocks] int32, rows contiguous
+
+
+@dataclass(frozen=True, slots=True)
 class _StepPlan:
-    decode: tuple[_DecodePlan, ...]  # one per group of decode rows of similar length
+    decode: tuple[_DecodePlan, ...]  # one per group of decode rows of similar length (torch path)
     prefill: tuple[_PrefillChunk, ...]
+    kernel_decode: _KernelDecodePlan | None = None  # the decode rows, when the kernel takes them
+    with_kernel: bool = False  # planned for the kernel (layers of one step all take the same path)
 
 
 # Each extra group saves padding but costs two more gathers and one more SDPA call per layer.
@@ -77,10 +95,34 @@ def paged_attention_torch(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
+    return _attend(q, k_cache, v_cache, metadata, scale, sliding_window, None)
+
+
+def paged_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    op = paged_decode_cpu.load()
+    if op is not None and not paged_decode_cpu.supports(q, k_cache):
+        op = None
+    return _attend(q, k_cache, v_cache, metadata, scale, sliding_window, op)
+
+
+def _attend(q, k_cache, v_cache, metadata: AttentionMetadata, scale, sliding_window, decode_op) -> torch.Tensor:
     plan = metadata.backend_plan
-    if not isinstance(plan, _StepPlan):  # first layer of the step: plan once for all layers
-        plan = metadata.backend_plan = _plan(metadata, k_cache)
+    with_kernel = decode_op is not None
+    if not isinstance(plan, _StepPlan) or plan.with_kernel != with_kernel:
+        # First layer of the step: plan once for all layers.
+        plan = metadata.backend_plan = _plan(metadata, k_cache, with_kernel)
     out = torch.empty_like(q)
+    if plan.kernel_decode is not None:
+        rows = plan.kernel_decode
+        paged_decode_cpu.paged_decode_cpu(decode_op, out, q, k_cache, v_cache, rows.block_tables, rows.context_lens,
+                                          rows.seq_ids, rows.q_rows, scale, sliding_window)
     for decode in plan.decode:
         _decode(q, k_cache, v_cache, decode, scale, sliding_window, out)
     for chunk in plan.prefill:
@@ -88,7 +130,7 @@ def paged_attention_torch(
     return out
 
 
-def _plan(metadata: AttentionMetadata, k_cache: torch.Tensor) -> _StepPlan:
+def _plan(metadata: AttentionMetadata, k_cache: torch.Tensor, with_kernel: bool = False) -> _StepPlan:
     block_size = k_cache.shape[1]
     cu_seqlens = metadata.cu_seqlens_q.tolist()
     context_lens = metadata.context_lens.tolist()
@@ -101,10 +143,19 @@ def _plan(metadata: AttentionMetadata, k_cache: torch.Tensor) -> _StepPlan:
             num_blocks = -(-context_len // block_size)
             block_ids = metadata.block_tables[b, :num_blocks].long()
             prefill.append(_PrefillChunk(cu_seqlens[b], cu_seqlens[b + 1], context_len, block_ids))
+    if with_kernel and decode:
+        device = k_cache.device
+        kernel_decode = _KernelDecodePlan(
+            seq_ids=torch.tensor(decode, dtype=torch.int32, device=device),
+            q_rows=torch.tensor([cu_seqlens[b] for b in decode], dtype=torch.int64, device=device),
+            context_lens=metadata.context_lens.to(torch.int32).contiguous(),
+            block_tables=metadata.block_tables.to(torch.int32).contiguous(),
+        )
+        return _StepPlan((), tuple(prefill), kernel_decode, with_kernel=True)
     groups = _length_groups(decode, context_lens)
     decode_plans = tuple(_decode_plan(group, cu_seqlens, context_lens, metadata.block_tables, k_cache)
                          for group in groups)
-    return _StepPlan(decode_plans, tuple(prefill))
+    return _StepPlan(decode_plans, tuple(prefill), with_kernel=with_kernel)
 
 
 def _length_groups(rows: list[int], context_lens: list[int]) -> list[list[int]]:

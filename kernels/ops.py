@@ -4,18 +4,21 @@ Model code calls `ops.rmsnorm`, `ops.rope`, `ops.silu_and_mul`, `ops.write_kv` a
 `ops.paged_attention` on an `Ops` it is given, never a kernel module directly, so the Triton backend
 swaps in with no change to the model or the engine. `torch` is the reference implementations in this
 package (CPU or CUDA); `triton` is provided by `kernels.triton_backend.make_ops()` when that module
-exists and CUDA is present. `auto` takes triton where it can and torch otherwise.
+exists and CUDA is present. `cpu` is torch with the decode rows of paged attention in the compiled
+CPU kernel (`kernels/paged_decode_cpu.py`, built by `scripts/setup`). `auto` takes triton where it
+can, else cpu where the kernel is built and loads, else torch: `torch` stays the reference and the
+fallback, and choosing it explicitly switches the kernel off.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 @dataclass(slots=True)
@@ -65,6 +68,16 @@ def torch_ops() -> Ops:
     )
 
 
+def cpu_ops() -> Ops | None:
+    """torch_ops with the compiled CPU decode kernel, or None where it is not built or does not load."""
+    from kernels import paged_decode_cpu
+    from kernels.attention_torch import paged_attention_cpu
+
+    if paged_decode_cpu.load() is None:
+        return None
+    return replace(torch_ops(), name="cpu", paged_attention=paged_attention_cpu)
+
+
 def _triton_ops() -> Ops | None:
     """The Triton backend, or None where it cannot run (no CUDA, no triton, not written yet)."""
     if not torch.cuda.is_available():
@@ -81,9 +94,17 @@ def get_ops(backend: str = "auto") -> Ops:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return torch_ops()
-    ops = _triton_ops()
+    if backend != "cpu":
+        ops = _triton_ops()
+        if ops is not None:
+            return ops
+        if backend == "triton":
+            raise ValueError("backend 'triton' needs CUDA, the triton package and kernels.triton_backend")
+    ops = cpu_ops()
     if ops is not None:
         return ops
-    if backend == "triton":
-        raise ValueError("backend 'triton' needs CUDA, the triton package and kernels.triton_backend")
+    if backend == "cpu":
+        from kernels import paged_decode_cpu
+
+        raise ValueError(f"backend 'cpu' needs the CPU decode kernel: {paged_decode_cpu.unavailable_reason()}")
     return torch_ops()

@@ -49,12 +49,26 @@ def _add_admin_tls_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-tls-port", type=int, dest="admin_tls_port",
                         help="also listen here with TLS and required client certificates; admin methods "
                              "for certificates whose subject CN is in --admin-subjects (-1, default: no)")
-    parser.add_argument("--tls-cert", type=Path, dest="tls_cert_file", help="the admin TLS port's certificate (PEM)")
+    parser.add_argument("--admin-subjects", dest="admin_subjects",
+                        help="client certificate common names that may call admin methods, on the admin TLS "
+                             "port and an mTLS serving port (default tensoryard-admin)")
+
+
+def _add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """The serving port's TLS and the channels to other processes (services/common/tls.py)."""
+    parser.add_argument("--tls-mode", choices=("off", "tls", "mtls"), dest="tls_mode",
+                        help="the serving port: off (plaintext, default), tls, or mtls (client certificates "
+                             "signed by --tls-client-ca required); not off: calls to other processes use TLS")
+    parser.add_argument("--tls-cert", type=Path, dest="tls_cert_file",
+                        help="this process's certificate (PEM): served, and presented as its client certificate")
     parser.add_argument("--tls-key", type=Path, dest="tls_key_file", help="its private key (PEM)")
     parser.add_argument("--tls-client-ca", type=Path, dest="tls_client_ca_file",
-                        help="the CA that signs client certificates (PEM)")
-    parser.add_argument("--admin-subjects", dest="admin_subjects",
-                        help="client certificate common names that may call admin methods (default tensoryard-admin)")
+                        help="the CA that signs client certificates (PEM; mtls and the admin TLS port)")
+    parser.add_argument("--tls-ca", type=Path, dest="tls_ca_file",
+                        help="CA bundle the servers this process calls are checked against (default: "
+                             "--tls-client-ca); given: those calls use TLS")
+    parser.add_argument("--tls-server-name", dest="tls_server_name",
+                        help="the name servers' certificates must carry (default: the host dialled)")
 
 
 def _add_discovery_flags(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--min-replicas", type=int, default=1, help="with --autoscale: the fewest workers per model")
     up.add_argument("--max-replicas", type=int, default=4, help="with --autoscale: the most workers per model")
     up.add_argument("--autoscale-interval-s", type=float, help="with --autoscale: seconds between decisions")
+    up.add_argument("--tls-dir", type=Path, metavar="DIR",
+                    help="mTLS between and into every process, with the CA and certificates in DIR "
+                         "(made there when missing; an operator's own are used as they are)")
 
     registry = sub.add_parser("registry", help="run the model registry and embedded discovery")
     registry.add_argument("--host")
@@ -108,8 +125,10 @@ def _parser() -> argparse.ArgumentParser:
                           help="run the autoscaler with this actuator (none: publish decisions only); "
                                "thresholds and windows: TENSORYARD_SCALE_* (docs/ARCHITECTURE.md, Autoscaling)")
     registry.add_argument("--autoscale-interval-s", type=float, dest="autoscale_interval_s")
+    _add_discovery_flags(registry)
     _add_admin_token_flag(registry)
     _add_admin_tls_flags(registry)
+    _add_tls_flags(registry)
     _add_telemetry_flags(registry)
 
     router = sub.add_parser("router", help="run the router (inference.GRPCInferenceService)")
@@ -129,8 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument("--stale-after-s", type=float, dest="stale_after_s")
     router.add_argument("--migrate-after-s", type=float, dest="migrate_after_s")
     router.add_argument("--drain-timeout-s", type=float, dest="drain_timeout_s")
+    router.add_argument("--cold-start-hold-s", type=float, dest="cold_start_hold_s",
+                        help="how long a request for a deployment scaled to zero waits for its first replica (0: refuse)")
+    router.add_argument("--max-held-per-model", type=int, dest="max_held_per_model")
     router.add_argument("--max-message-bytes", type=int, dest="max_message_bytes")
     _add_discovery_flags(router)
+    _add_tls_flags(router)
     _add_telemetry_flags(router)
 
     worker = sub.add_parser("worker", help="serve one model version")
@@ -151,6 +174,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="LLM tokens computed per engine step")
     worker.add_argument("--max-model-len", type=int, dest="max_model_len", help="LLM prompt + output tokens")
     worker.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), dest="dtype")
+    worker.add_argument("--weight-dtype", choices=("auto", "float32", "bfloat16", "float16", "int8", "int4"),
+                        dest="weight_dtype", help="LLM weights; int8/int4: weight-only quantized at load")
+    worker.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                        dest="kv_cache_dtype", help="LLM KV cache")
+    worker.add_argument("--kernels", choices=("auto", "torch", "cpu", "triton"), dest="kernels",
+                        help="LLM kernels: torch (the reference), cpu (the compiled CPU decode kernel), triton; "
+                             "auto: triton on CUDA, else cpu where it is built, else torch")
     worker.add_argument("--max-num-queued-tokens", type=int, dest="max_num_queued_tokens",
                         help="LLM admission: prompt tokens that may wait")
     worker.add_argument("--max-queue-wait-s", type=float, dest="max_queue_wait_s",
@@ -166,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="largest request or response message (default 64 MiB)")
     _add_admin_token_flag(worker)
     _add_admin_tls_flags(worker)
+    _add_tls_flags(worker)
     _add_discovery_flags(worker)
     _add_telemetry_flags(worker)
 
@@ -191,6 +222,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="one snapshot, then exit: two scrapes --interval apart, not one")
     status.add_argument("--json", action="store_true",
                         help="print the snapshot as JSON (implies --once; shape in services/status/__init__.py)")
+    from services.common.tls import add_client_tls_flags
+
+    add_client_tls_flags(status)  # the registry call (metrics pages are plain HTTP)
+    status.add_argument("--discovery", dest="discovery_url", metavar="URL",
+                        help="consul://host:port: list workers and routers from Consul instead of --registry")
+    status.add_argument("--consul-token-file", type=Path, dest="consul_token_file",
+                        help="file whose first line is the Consul ACL token (else $CONSUL_HTTP_TOKEN)")
     return parser
 
 
@@ -266,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 min_replicas=args.min_replicas,
                 max_replicas=args.max_replicas,
                 autoscale_interval_s=args.autoscale_interval_s,
+                tls_dir=args.tls_dir,
             )
             return Launcher(options, env).run()
         if args.command == "models":
@@ -273,18 +312,34 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_models_command(args, env)
         if args.command == "status":
+            from services.common.tls import client_security
             from services.launcher import default_home
             from services.status.command import StatusOptions, run
 
             return run(StatusOptions(
                 registry=args.registry, router_metrics=tuple(args.router_metrics),
                 home=(args.home or default_home(env)).resolve(), interval_s=args.interval,
-                timeout_s=args.timeout, once=args.once, json=args.json,
+                timeout_s=args.timeout, once=args.once, json=args.json, security=client_security(args, env),
+                consul=_status_consul(args, env),
             ))
         return _run_service(args, env)
     except ValueError as error:  # config errors name the field
         print(f"tensoryard: {error}", file=sys.stderr)
         return 2
+
+
+def _status_consul(args, env: dict[str, str]):
+    """`status --discovery consul://...`'s source (None: the registry's catalog)."""
+    if not args.discovery_url:
+        return None
+    from services.common.discovery_backends import read_consul_token
+    from services.status.consul_source import ConsulSource
+
+    env = with_consul_conventions(env)
+    token_file = args.consul_token_file or (Path(env["TENSORYARD_CONSUL_TOKEN_FILE"])
+                                            if env.get("TENSORYARD_CONSUL_TOKEN_FILE") else None)
+    token = read_consul_token(env.get("TENSORYARD_CONSUL_TOKEN", ""), token_file)
+    return ConsulSource.from_url(args.discovery_url, token)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from protos.tensoryard.v1 import registry_pb2, registry_pb2_grpc
 from services import prometheus
 from services.common.telemetry import free_port
 from services.common.admin_auth import admin_channel, client_admin_token
+from services.common.tls import PLAINTEXT, ChannelSecurity
 from services.registry.client import register_folder
 from services.rollout.controller import LocalDeploymentController
 from services.supervisor import EventKind, ProcessEvent, ProcessSpec, RestartPolicy, Supervisor
@@ -113,6 +114,9 @@ class UpOptions:
     min_replicas: int = 1
     max_replicas: int = 4
     autoscale_interval_s: float | None = None  # None: the registry's default
+    # `up --tls-dir DIR`: every child serves and calls with mTLS, with the certificates in DIR
+    # (made there when missing: services/common/certificates.py); `up` calls as the admin.
+    tls_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.autoscale and not 0 <= self.min_replicas <= self.workers_per_model <= self.max_replicas:
@@ -165,6 +169,8 @@ class Launcher:
         self._worker_versions: dict[str, tuple[str, int]] = {}
         self._worker_lock = threading.Lock()
         self.controller: LocalDeploymentController | None = None
+        self.certificates = None  # services.common.certificates.MeshCertificates under --tls-dir
+        self.security: ChannelSecurity = PLAINTEXT  # of up's own calls to its children
 
     def say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -179,7 +185,8 @@ class Launcher:
         self.supervisor.add(ProcessSpec(
             name=name,
             role=role,
-            argv=(sys.executable, "-m", "services.cli", role, *flags, "--metrics-port", str(metrics_port)),
+            argv=(sys.executable, "-m", "services.cli", role, *flags, "--metrics-port", str(metrics_port),
+                  *(self.certificates.serve_flags(role) if self.certificates is not None else ())),
             log_path=self.logs / f"{name}.log",
             stop_rank=STOP_RANKS[role],
             env={**self.env, "TENSORYARD_LOG_FORMAT": "json"},
@@ -210,6 +217,8 @@ class Launcher:
         registry_address = f"{o.host}:{o.registry_port}"
         router_address = f"{o.host}:{o.router_port}"
         self.say(f"tensoryard: home {o.home} (logs in {self.logs})")
+        if o.tls_dir is not None:
+            self._use_tls(o.tls_dir)
         stop_requested = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop_requested.append(True))
@@ -227,7 +236,7 @@ class Launcher:
             self.say(f"  registry  {registry_address}  (metrics :{registry_metrics_port})")
             models = demo_models(o.home, o.with_llm, o.with_embedding)
             demo_versions: dict[str, int] = {}
-            with grpc.insecure_channel(registry_address) as plain_channel:
+            with self.security.channel(registry_address) as plain_channel:
                 # The registry child inherits this environment: it wants the same token, if any.
                 channel = admin_channel(plain_channel, client_admin_token(self.env))
                 for model in models:
@@ -338,7 +347,7 @@ class Launcher:
     def _start_controller(self, registry_address: str, demo_versions: dict[str, int]) -> None:
         """Record the demo workers as their versions' deployments, then follow the registry's
         deployments (services/rollout/controller.py)."""
-        channel = admin_channel(grpc.insecure_channel(registry_address), client_admin_token(self.env))
+        channel = admin_channel(self.security.channel(registry_address), client_admin_token(self.env))
         stub = registry_pb2_grpc.ModelRegistryStub(channel)
         for model_name, version in demo_versions.items():
             try:
@@ -356,6 +365,15 @@ class Launcher:
         self.controller = LocalDeploymentController(
             channel, self.running_workers, self._start_deployed_worker, self._stop_deployed_worker)
         self.controller.start()
+
+    def _use_tls(self, folder: Path) -> None:
+        """Certificates from `folder` (issued where missing); children get mTLS flags, and `up`
+        calls them with the admin certificate."""
+        from services.common.certificates import ensure_mesh_certificates
+
+        self.certificates = mesh = ensure_mesh_certificates(folder.resolve(), (self.options.host,))
+        self.security = ChannelSecurity(True, mesh.ca_file, mesh.cert_file("admin"), mesh.key_file("admin"))
+        self.say(f"  tls       mTLS on every port, certificates in {mesh.folder}; clients add {mesh.client_flags()}")
 
     def _wait_health(self, name: str, address: str, stop_requested: list) -> None:
         def serving(channel) -> bool:
@@ -383,7 +401,7 @@ class Launcher:
     def _wait(self, address: str, check, stop_requested: list, failure: str) -> None:
         """Until check(channel) is true (a call that fails counts as not yet), or fail `up`."""
         deadline = time.monotonic() + self.options.ready_timeout_s
-        with grpc.insecure_channel(address) as channel:
+        with self.security.channel(address) as channel:
             while time.monotonic() < deadline and not stop_requested:
                 self._raise_if_ended()
                 try:

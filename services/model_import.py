@@ -7,7 +7,9 @@ Sources, told apart by `detect_kind`:
   whose blob is named by a sha256 (LFS files) is checked against it before anything is sent.
 - `gguf`: a llama.cpp GGUF file, converted to a safetensors folder (services/worker/models/gguf_import.py).
 - `mlflow`: a registered model version, `models:/NAME/VERSION`, downloaded with MLflow's own client.
-- `onnx`: an ONNX file (with its external-data file, if any), served as a tensor model.
+- `onnx`: an ONNX file (with its external-data file, if any), served as a tensor model with
+  onnxruntime; its inputs and outputs become the version's config (services/onnx_signature.py),
+  and `--quantize int8` pushes its int8 dynamic quantization instead, recorded in the lineage.
 
 The registry verifies every blob's size and sha256 again when it creates the version.
 """
@@ -20,7 +22,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.registry.client import LocalFile, Source, file_sha256, scan_folder
@@ -45,6 +47,8 @@ class PreparedImport:
     task: str  # "" when it cannot be told: the caller must name one
     metadata: ProbedMetadata
     files: list[LocalFile]  # scanned (hashed) already
+    config: dict | None = None  # the version's config when the source defines it; None: the user's as given
+    labels: dict[str, str] = field(default_factory=dict)  # added to the user's
 
 
 def detect_kind(source: str) -> str:
@@ -71,15 +75,20 @@ def detect_kind(source: str) -> str:
 
 
 @contextlib.contextmanager
-def prepared_import(source: str, work_dir: Path, mlflow_tracking_uri: str = "") -> Iterator[PreparedImport]:
-    """The folder and lineage for `source`; temporary downloads are removed on leaving."""
+def prepared_import(source: str, work_dir: Path, mlflow_tracking_uri: str = "", quantize: str = "",
+                    config: dict | None = None) -> Iterator[PreparedImport]:
+    """The folder and lineage for `source`; temporary downloads are removed on leaving.
+
+    `config` is the user's serving config, which an ONNX source merges into the graph's;
+    `quantize` ("int8") applies to ONNX sources only."""
     kind = detect_kind(source)
+    if quantize and kind != "onnx":
+        raise ValueError(f"--quantize applies to .onnx sources; {source} is a {kind} source")
     if kind == "mlflow":
         with _mlflow_version(source, mlflow_tracking_uri, work_dir) as prepared:
             yield prepared
     elif kind == "onnx":
-        with _onnx_file(Path(source)) as prepared:
-            yield prepared
+        yield _onnx_file(Path(source), work_dir, quantize, config or {})
     elif kind == "gguf":
         yield _gguf_file(Path(source), work_dir)
     elif kind == "hf_cache":
@@ -187,16 +196,34 @@ def _gguf_file(path: Path, work_dir: Path) -> PreparedImport:
                           probe_folder(folder), scan_folder(folder))
 
 
-@contextlib.contextmanager
-def _onnx_file(path: Path) -> Iterator[PreparedImport]:
+def _onnx_file(path: Path, work_dir: Path, quantize: str, user_config: dict) -> PreparedImport:
     # The model and its external-data files (torch.onnx writes "<file>.data"), under their names,
     # pushed from where they are: the file list names them, no staging folder is needed.
+    from services.onnx_signature import read_signature, serving_config, weight_summary
+
     path = path.resolve()
+    config = serving_config(read_signature(path), path.name, user_config)
     members = [path, *sorted(path.parent.glob(f"{path.name}.data")), *sorted(path.parent.glob(f"{path.name}_data"))]
     files = [LocalFile(member.name, member, file_sha256(member), member.stat().st_size) for member in members]
     details = {"sha256": files[0].sha256}
-    yield PreparedImport(path.parent, Source("onnx", str(path), details), path.stem, "tensor",
-                         ProbedMetadata(architecture="onnx"), files)
+    labels = {}
+    if quantize:
+        if quantize != "int8":
+            raise ValueError(f"--quantize {quantize!r}: only int8 (dynamic, onnxruntime.quantization)")
+        from services.onnx_convert import QUANTIZATION_INT8, quantize_int8
+
+        # Keyed by the source's digest, like GGUF conversions: reruns reuse it, another file never does.
+        quantized = work_dir / f"{path.stem}-int8-{files[0].sha256[:12]}" / path.name
+        if not quantized.is_file():
+            quantize_int8(path, quantized)
+        files = [LocalFile(path.name, quantized, file_sha256(quantized), quantized.stat().st_size)]
+        details.update(quantization=QUANTIZATION_INT8, quantized_sha256=files[0].sha256)
+        labels["quantization"] = QUANTIZATION_INT8
+        path = quantized
+    parameter_count, dtype = weight_summary(path)
+    metadata = ProbedMetadata(architecture="onnx", dtype=dtype, parameter_count=parameter_count)
+    return PreparedImport(path.parent, Source("onnx", str(members[0]), details), members[0].stem, "tensor",
+                          metadata, files, config=config, labels=labels)
 
 
 @contextlib.contextmanager

@@ -75,6 +75,18 @@ def stop(process: subprocess.Popen, timeout_s: float = 30) -> int:
     return process.wait(timeout_s)
 
 
+def stop_all(processes: list[subprocess.Popen], timeout_s: float = 30) -> None:
+    """Stop processes, the last started first; a frozen one (SIGSTOP) is thawed first, and one that
+    does not stop within timeout_s is killed."""
+    for process in reversed(processes):
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+        try:
+            stop(process, timeout_s=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 @dataclass(frozen=True)
 class Stack:
     router: str

@@ -59,3 +59,6 @@ encrypt = "REPLACE-WITH-consul-keygen-OUTPUT"
 
 # Health checks that Nomad registers (gRPC for tensoryard) run in this agent.
 enable_script_checks = false
+# tensoryard's registry and workers serve mTLS (deploy/nomad/README.md, "TLS"): the gRPC checks
+# present this agent's certificate (tls.defaults), which tensoryard's client CA bundle must trust.
+enable_agent_tls_for_checks = true

@@ -31,12 +31,19 @@ variable "blob_store" {
   default     = ""
 }
 
+variable "tls_server_name" {
+  description = "The DNS name every tensoryard server certificate carries; checked instead of the dynamic IP dialled."
+  type        = string
+  default     = "tensoryard.internal"
+}
+
 job "tensoryard-registry" {
   datacenters = var.datacenters
   type        = "service"
 
   group "registry" {
-    # One, with SQLite on one node's disk; more only with database_url and blob_store shared.
+    # One, with SQLite on one node's disk; more only with database_url and blob_store shared, and
+    # with --discovery consul:// (README.md): then the registries elect the one autoscaler that acts.
     count = 1
 
     constraint {
@@ -65,6 +72,11 @@ job "tensoryard-registry" {
         name     = "grpc health"
         type     = "grpc"
         port     = "grpc"
+        # The port is TLS. On an mTLS port the agent presents its own certificate
+        # (enable_agent_tls_for_checks, deploy/consul/consul.hcl), so the job's tls_ca bundle must
+        # include Consul's agent CA; the agent checks its own allocation and skips verifying it.
+        grpc_use_tls    = true
+        tls_skip_verify = true
         interval = "5s"
         timeout  = "2s"
       }
@@ -90,16 +102,60 @@ job "tensoryard-registry" {
           "--metrics-port", "${NOMAD_PORT_metrics}",
           "--data-dir", var.data_dir,
           "--admin-token-file", "${NOMAD_SECRETS_DIR}/admin-token",
+          # The autoscaler (services/autoscale/), acting through Nomad's job scale API on the worker
+          # groups of workers.nomad.hcl, within each group's `scaling` block.
+          "--autoscale", "nomad",
+          # TLS (services/common/tls.py; README.md, "TLS"): mtls on this port, and mTLS to the others.
+          "--tls-mode", "mtls",
+          "--tls-cert", "${NOMAD_SECRETS_DIR}/tls/cert.pem",
+          "--tls-key", "${NOMAD_SECRETS_DIR}/tls/key.pem",
+          "--tls-client-ca", "${NOMAD_SECRETS_DIR}/tls/ca.pem",
+          "--tls-ca", "${NOMAD_SECRETS_DIR}/tls/ca.pem",
+          "--tls-server-name", var.tls_server_name,
         ]
+      }
+
+      # This job's certificate, key and the fleet's CA, from its Nomad Variable (README.md, "TLS"):
+      #   nomad var put nomad/jobs/tensoryard-registry tls_cert=@cert.pem tls_key=@key.pem tls_ca=@ca.pem admin_token=... nomad_token=...
+      template {
+        destination = "secrets/tls/cert.pem"
+        perms       = "0444"
+        change_mode = "restart"
+        data        = "{{ with nomadVar \"nomad/jobs/tensoryard-registry\" }}{{ .tls_cert }}{{ end }}"
+      }
+
+      template {
+        destination = "secrets/tls/key.pem"
+        perms       = "0400"
+        change_mode = "restart"
+        data        = "{{ with nomadVar \"nomad/jobs/tensoryard-registry\" }}{{ .tls_key }}{{ end }}"
+      }
+
+      template {
+        destination = "secrets/tls/ca.pem"
+        perms       = "0444"
+        change_mode = "restart"
+        data        = "{{ with nomadVar \"nomad/jobs/tensoryard-registry\" }}{{ .tls_ca }}{{ end }}"
       }
 
       env {
         TENSORYARD_DATABASE_URL = var.database_url
         TENSORYARD_BLOB_STORE   = var.blob_store
         TENSORYARD_LOG_FORMAT   = "json"
+        # The `nomad` actuator: this node's agent, and a token allowed to scale tensoryard-workers
+        # (a policy with `namespace "default" { capabilities = ["scale-job", "read-job"] }`).
+        TENSORYARD_NOMAD_ADDRESS    = "http://${attr.unique.network.ip-address}:4646"
+        TENSORYARD_NOMAD_TOKEN_FILE = "${NOMAD_SECRETS_DIR}/nomad-token"
       }
 
-      # The admin token from a Nomad Variable (nomad var put nomad/jobs/tensoryard-registry admin_token=...).
+      template {
+        destination = "secrets/nomad-token"
+        perms       = "0400"
+        change_mode = "restart"
+        data        = "{{ with nomadVar \"nomad/jobs/tensoryard-registry\" }}{{ .nomad_token }}{{ end }}"
+      }
+
+      # The admin token, an item of the same Nomad Variable (one `nomad var put` replaces every item).
       template {
         destination = "secrets/admin-token"
         perms       = "0400"

@@ -23,6 +23,12 @@ variable "count" {
   default = 2
 }
 
+variable "tls_server_name" {
+  description = "The DNS name every tensoryard server certificate carries; checked instead of the dynamic IP dialled."
+  type        = string
+  default     = "tensoryard.internal"
+}
+
 job "tensoryard-router" {
   datacenters = var.datacenters
   type        = "service"
@@ -57,6 +63,11 @@ job "tensoryard-router" {
         name     = "grpc health"
         type     = "grpc"
         port     = "grpc"
+        # The port is TLS. On an mTLS port the agent presents its own certificate
+        # (enable_agent_tls_for_checks, deploy/consul/consul.hcl), so the job's tls_ca bundle must
+        # include Consul's agent CA; the agent checks its own allocation and skips verifying it.
+        grpc_use_tls    = true
+        tls_skip_verify = true
         interval = "5s"
         timeout  = "2s"
       }
@@ -84,7 +95,36 @@ job "tensoryard-router" {
           "--host", "${NOMAD_IP_grpc}",
           "--port", "${NOMAD_PORT_grpc}",
           "--metrics-port", "${NOMAD_PORT_metrics}",
+          # TLS (services/common/tls.py; README.md, "TLS"): tls on this port, and mTLS to the others.
+          "--tls-mode", "tls",
+          "--tls-cert", "${NOMAD_SECRETS_DIR}/tls/cert.pem",
+          "--tls-key", "${NOMAD_SECRETS_DIR}/tls/key.pem",
+          "--tls-ca", "${NOMAD_SECRETS_DIR}/tls/ca.pem",
+          "--tls-server-name", var.tls_server_name,
         ]
+      }
+
+      # This job's certificate, key and the fleet's CA, from its Nomad Variable (README.md, "TLS"):
+      #   nomad var put nomad/jobs/tensoryard-router tls_cert=@cert.pem tls_key=@key.pem tls_ca=@ca.pem
+      template {
+        destination = "secrets/tls/cert.pem"
+        perms       = "0444"
+        change_mode = "restart"
+        data        = "{{ with nomadVar \"nomad/jobs/tensoryard-router\" }}{{ .tls_cert }}{{ end }}"
+      }
+
+      template {
+        destination = "secrets/tls/key.pem"
+        perms       = "0400"
+        change_mode = "restart"
+        data        = "{{ with nomadVar \"nomad/jobs/tensoryard-router\" }}{{ .tls_key }}{{ end }}"
+      }
+
+      template {
+        destination = "secrets/tls/ca.pem"
+        perms       = "0444"
+        change_mode = "restart"
+        data        = "{{ with nomadVar \"nomad/jobs/tensoryard-router\" }}{{ .tls_ca }}{{ end }}"
       }
 
       env {

@@ -22,6 +22,12 @@ variable "cache_dir" {
   default     = "/var/cache/tensoryard/worker-cache"
 }
 
+variable "tls_server_name" {
+  description = "The DNS name every tensoryard server certificate carries; checked instead of the dynamic IP dialled."
+  type        = string
+  default     = "tensoryard.internal"
+}
+
 job "tensoryard-workers" {
   datacenters = var.datacenters
   type        = "service"
@@ -65,6 +71,11 @@ job "tensoryard-workers" {
         name     = "grpc health"
         type     = "grpc"
         port     = "grpc"
+        # The port is TLS. On an mTLS port the agent presents its own certificate
+        # (enable_agent_tls_for_checks, deploy/consul/consul.hcl), so the job's tls_ca bundle must
+        # include Consul's agent CA; the agent checks its own allocation and skips verifying it.
+        grpc_use_tls    = true
+        tls_skip_verify = true
         interval = "5s"
         timeout  = "2s"
       }
@@ -88,7 +99,37 @@ job "tensoryard-workers" {
           "--metrics-port", "${NOMAD_PORT_metrics}",
           "--cache-dir", var.cache_dir,
           "--admin-token-file", "${NOMAD_SECRETS_DIR}/admin-token",
+          # TLS (services/common/tls.py; README.md, "TLS"): mtls on this port, and mTLS to the others.
+          "--tls-mode", "mtls",
+          "--tls-cert", "${NOMAD_SECRETS_DIR}/tls/cert.pem",
+          "--tls-key", "${NOMAD_SECRETS_DIR}/tls/key.pem",
+          "--tls-client-ca", "${NOMAD_SECRETS_DIR}/tls/ca.pem",
+          "--tls-ca", "${NOMAD_SECRETS_DIR}/tls/ca.pem",
+          "--tls-server-name", var.tls_server_name,
         ]
+      }
+
+      # This job's certificate, key and the fleet's CA, from its Nomad Variable (README.md, "TLS"):
+      #   nomad var put nomad/jobs/tensoryard-workers tls_cert=@cert.pem tls_key=@key.pem tls_ca=@ca.pem admin_token=...
+      template {
+        destination = "secrets/tls/cert.pem"
+        perms       = "0444"
+        change_mode = "restart"
+        data        = "{{ with nomadVar \"nomad/jobs/tensoryard-workers\" }}{{ .tls_cert }}{{ end }}"
+      }
+
+      template {
+        destination = "secrets/tls/key.pem"
+        perms       = "0400"
+        change_mode = "restart"
+        data        = "{{ with nomadVar \"nomad/jobs/tensoryard-workers\" }}{{ .tls_key }}{{ end }}"
+      }
+
+      template {
+        destination = "secrets/tls/ca.pem"
+        perms       = "0444"
+        change_mode = "restart"
+        data        = "{{ with nomadVar \"nomad/jobs/tensoryard-workers\" }}{{ .tls_ca }}{{ end }}"
       }
 
       env {
@@ -151,6 +192,11 @@ job "tensoryard-workers" {
         name     = "grpc health"
         type     = "grpc"
         port     = "grpc"
+        # The port is TLS. On an mTLS port the agent presents its own certificate
+        # (enable_agent_tls_for_checks, deploy/consul/consul.hcl), so the job's tls_ca bundle must
+        # include Consul's agent CA; the agent checks its own allocation and skips verifying it.
+        grpc_use_tls    = true
+        tls_skip_verify = true
         interval = "5s"
         timeout  = "2s"
       }
@@ -173,7 +219,37 @@ job "tensoryard-workers" {
           "--metrics-port", "${NOMAD_PORT_metrics}",
           "--cache-dir", var.cache_dir,
           "--admin-token-file", "${NOMAD_SECRETS_DIR}/admin-token",
+          # TLS (services/common/tls.py; README.md, "TLS"): mtls on this port, and mTLS to the others.
+          "--tls-mode", "mtls",
+          "--tls-cert", "${NOMAD_SECRETS_DIR}/tls/cert.pem",
+          "--tls-key", "${NOMAD_SECRETS_DIR}/tls/key.pem",
+          "--tls-client-ca", "${NOMAD_SECRETS_DIR}/tls/ca.pem",
+          "--tls-ca", "${NOMAD_SECRETS_DIR}/tls/ca.pem",
+          "--tls-server-name", var.tls_server_name,
         ]
+      }
+
+      # This job's certificate, key and the fleet's CA, from its Nomad Variable (README.md, "TLS"):
+      #   nomad var put nomad/jobs/tensoryard-workers tls_cert=@cert.pem tls_key=@key.pem tls_ca=@ca.pem admin_token=...
+      template {
+        destination = "secrets/tls/cert.pem"
+        perms       = "0444"
+        change_mode = "restart"
+        data        = "{{ with nomadVar \"nomad/jobs/tensoryard-workers\" }}{{ .tls_cert }}{{ end }}"
+      }
+
+      template {
+        destination = "secrets/tls/key.pem"
+        perms       = "0400"
+        change_mode = "restart"
+        data        = "{{ with nomadVar \"nomad/jobs/tensoryard-workers\" }}{{ .tls_key }}{{ end }}"
+      }
+
+      template {
+        destination = "secrets/tls/ca.pem"
+        perms       = "0444"
+        change_mode = "restart"
+        data        = "{{ with nomadVar \"nomad/jobs/tensoryard-workers\" }}{{ .tls_ca }}{{ end }}"
       }
 
       env {

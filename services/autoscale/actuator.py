@@ -18,6 +18,9 @@ class ScaleRequest:
     version: int
     replicas: int  # the desired count, already within the deployment's min and max
     reason: str  # one sentence, for the audit log and the actuator's own record (Nomad's Message)
+    # The leader lock's fencing token (services/autoscale/leader.py): what acts refuses a lower one
+    # than it has seen, so a deposed leader's late action cannot undo the new leader's.
+    fence: int = 1
 
 
 class Actuator(Protocol):

@@ -29,6 +29,6 @@ class LocalActuator:
 
     async def set_replicas(self, request: ScaleRequest) -> None:
         record = await asyncio.to_thread(self._store.scale_deployment, request.model_name, request.version,
-                                         request.replicas, request.reason, ACTOR)
+                                         request.replicas, request.reason, ACTOR, request.fence)
         if record is None:
             log.info("autoscale_skipped_not_autoscaled", model=request.model_name, version=request.version)

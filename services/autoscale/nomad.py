@@ -11,7 +11,9 @@ A deployment (model, version) runs as one task group of one Nomad job, named by 
 2. Read Job Scale Status: when `Desired` is already the count, nothing is sent (no scaling event
    for every unchanged interval).
 3. Scale Task Group with `Count`, `Target.Group`, `Message` (the decision's reason, kept in Nomad's
-   scaling events) and `Meta` (model, version, previous count).
+   scaling events) and `Meta` (model, version, previous count, the leader lock's fencing token:
+   Nomad does not check it, so the controller checks the lock right before each call; the token in
+   Nomad's scaling events shows which leader acted).
 
 While a deployment of the job is active Nomad answers 400 "job scaling blocked due to active
 deployment"; that passes once the deployment ends, so the call is retried with exponential backoff
@@ -126,7 +128,8 @@ class NomadActuator:
         if current == request.replicas:
             return
         meta = {"model": request.model_name, "version": str(request.version),
-                "previous_count": "" if current is None else str(current), "source": "tensoryard"}
+                "previous_count": "" if current is None else str(current), "source": "tensoryard",
+                "fencing_token": str(request.fence)}
         await self._scale_retrying(target, request, meta)
         log.info("nomad_scaled", job=target.job_id, group=target.group, replicas=request.replicas,
                  previous=current, reason=request.reason)

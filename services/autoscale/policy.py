@@ -14,12 +14,14 @@ Each interval, per deployment:
    at or under its `down` (TTFT under its fraction of the SLO): the same midway count, which is
    fewer. In between: the current count (hysteresis: the band holds). No traffic at all for
    `scale_to_zero_idle_s` with a min of 0: zero. Requests held for a deployment at zero: one.
-   Then the deployment's min and max.
+   Then the deployment's min and max. While the replicas of the last scale-up are still starting,
+   no further scale-up (for at most `scale_up_hold_s`).
 3. **Stabilisation**, Kubernetes HPA's behaviour: the raw recommendations of the last
    `scale_up_window_s` / `scale_down_window_s` are kept; scaling up goes to the lowest of the up
    window (a rise must last the window), scaling down to the highest of the down window (a fall
    must last it). So after a scale-up nothing scales down for the down window: capacity added is
    never taken away within it, and an oscillating load shorter than the window holds the count.
+   Scaling from zero skips the up window: requests are held until a replica is ready.
 4. **Step limit**: at most max(max_step_up, ceil(ratio * current)) added, max(max_step_down,
    floor(ratio * current)) removed per interval.
 5. **Absorb check** before any scale-down: the replicas left must carry today's load below every
@@ -120,6 +122,7 @@ class ScalingPolicy:
         self.bounds = bounds
         self._history: deque[tuple[float, int]] = deque()  # (time, raw recommendation)
         self._last_traffic_s: float | None = None
+        self._last_scale_up_s: float | None = None
 
     def decide(self, now_s: float, current: int, signals: DeploymentSignals) -> Decision:
         if not signals.idle or self._last_traffic_s is None:
@@ -130,8 +133,11 @@ class ScalingPolicy:
         if self.config.ttft_slo_s > 0 and signals.num_ready:
             utilisation["ttft"] = round(ttft_s / self.config.ttft_slo_s, 4)
         raw, why = self._recommend(now_s, current, signals, loads, ttft_s)
+        raw, why = self._hold_while_starting(now_s, current, signals, raw, why)
         raw = self.bounds.clamp(raw)
         stabilised = self._stabilise(now_s, current, raw)
+        if current == 0 and raw > 0:
+            stabilised = raw  # requests wait for a first replica: no window is worth their wait
         limited = self._limit_step(current, stabilised)
         replicas, absorb_note = self._absorb(current, limited, signals, loads)
         reason = why if replicas == limited else absorb_note
@@ -139,6 +145,8 @@ class ScalingPolicy:
             reason = f"{why}; held by the {'scale-up' if raw > current else 'scale-down'} stabilisation window"
         elif replicas != current and replicas != raw and replicas == limited and stabilised == raw:
             reason = f"{why}; limited to a step of {abs(replicas - current)}"
+        if replicas > current:
+            self._last_scale_up_s = now_s
         return Decision(replicas, raw, reason, utilisation)
 
     # -- the steps ----------------------------------------------------------------------------------
@@ -178,10 +186,14 @@ class ScalingPolicy:
         if hot or ttft_hot:
             wanted = max(midpoint, current + 1) if hot else midpoint
             if ttft_hot:
-                # TTFT does not divide by replicas: grow the *ready* count in proportion, at most
-                # double. Replicas still starting count against it, so a slow TTFT during a cold
-                # start does not compound interval after interval.
-                ratio = min(ttft_s / c.ttft_slo_s, 2.0)
+                # TTFT does not divide by replicas: grow the *ready* count (replicas still starting
+                # count against it, so a slow TTFT during a cold start does not compound). With a
+                # load signal saturated too, in proportion to the breach, at most double; with every
+                # load signal under its threshold the breach is a burst the fleet's size could
+                # absorb, and sizing for it (the simulation's first version did) ran the fleet at
+                # twice its peak size: one step of `scale_up_ttft_step_ratio`, again next interval
+                # if the breach lasts.
+                ratio = min(ttft_s / c.ttft_slo_s, 2.0) if hot else 1 + c.scale_up_ttft_step_ratio
                 wanted = max(wanted, math.ceil(signals.num_ready * ratio), signals.num_ready + 1)
             names = [s.name for s in hot] + (["ttft"] if ttft_hot else [])
             return wanted, f"saturated ({', '.join(names)}): {wanted} replicas wanted"
@@ -189,6 +201,19 @@ class ScalingPolicy:
         if ttft_cool and all(s.total <= current * s.down for s in loads):
             return min(midpoint, current), f"under every scale-down threshold: {min(midpoint, current)} replicas carry it"
         return current, "within the band between scale-down and scale-up thresholds"
+
+    def _hold_while_starting(self, now_s: float, current: int, signals: DeploymentSignals, raw: int,
+                             why: str) -> tuple[int, str]:
+        """No further scale-up while the replicas of the last one are still starting (Dynamo's
+        hold after scaling), for at most `scale_up_hold_s`. The queue that builds up during a cold
+        start is what those replicas come to drain; sized for again at every interval, it would
+        double the fleet once per interval of the cold start (the simulation saw 2x the peak
+        fleet). Past the hold they count as failed to start, and scaling goes on."""
+        if raw <= current or current == 0 or signals.num_ready >= current or self._last_scale_up_s is None:
+            return raw, why
+        if now_s - self._last_scale_up_s >= self.config.scale_up_hold_s:
+            return raw, why
+        return current, f"{why}; held while {current - signals.num_ready} replica(s) start"
 
     def _stabilise(self, now_s: float, current: int, raw: int) -> int:
         """Kubernetes HPA: up to the lowest recommendation of the up window, down to the highest of

@@ -6,6 +6,9 @@ that does not answer is left out of this reading (a stopped or overloaded proces
 others' figures and the next reading will show). Requests finished between two readings come from
 each worker's ok + failed counters (a worker seen for the first time, or restarted, is a baseline).
 
+Held requests (scale from zero): the routers' counts in the discovery KV
+(services/common/scaling_keys.py), summed over the fresh ones by `held_reader`.
+
 TTFT: the policy compares the workers' own estimate of the wait before a new request's first token
 (`estimated_queue_wait_s`, admission control's figure) with the SLO. No observed TTFT percentile
 is read yet (it would need the workers' TTFT histograms over a window, as the rollback guard keeps
@@ -15,13 +18,14 @@ the routers' counters); `DeploymentSignals.ttft_p99_s` is where it would go.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
 
 from protos.tensoryard.v1 import worker_pb2, worker_pb2_grpc
 from services.autoscale.policy import DeploymentSignals
+from services.common.scaling_keys import held_prefix, sum_fresh_held
 
 STATS_TIMEOUT_S = 1.0
 SERVING = "SERVING"
@@ -62,8 +66,10 @@ class SignalReader:
 
     def __init__(self, list_workers: Callable[[str, int], list[WorkerEndpoint]],
                  channel_for: Callable[[str], grpc.aio.Channel] | None = None,
-                 timeout_s: float = STATS_TIMEOUT_S):
+                 timeout_s: float = STATS_TIMEOUT_S,
+                 held: Callable[[str, int], Awaitable[int]] | None = None):
         self._list_workers = list_workers
+        self._held = held  # requests routers hold for the deployment (held_reader)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._channel_for = channel_for or grpc.aio.insecure_channel
         self._timeout_s = timeout_s
@@ -84,7 +90,19 @@ class SignalReader:
             self._counters[s.worker_id] = total
             self._seen.add(s.worker_id)
         self._listed.update(w.address for w in workers)
-        return aggregate(stats, num_requests_done=done)
+        return aggregate(stats, num_requests_done=done, num_requests_held=await self._num_held(model_name, version))
+
+    async def num_held(self, model_name: str, version: int) -> int:
+        """Requests routers hold for the deployment (0 when none, or when the KV cannot be read)."""
+        return await self._num_held(model_name, version)
+
+    async def _num_held(self, model_name: str, version: int) -> int:
+        if self._held is None:
+            return 0
+        try:
+            return await self._held(model_name, version)
+        except Exception:  # noqa: BLE001 - the KV is away: scale on the workers' signals alone
+            return 0
 
     async def _stats(self, worker: WorkerEndpoint) -> worker_pb2.WorkerStats | None:
         channel = self._channels.get(worker.address)
@@ -110,8 +128,19 @@ class SignalReader:
         self._channels.clear()
 
 
+def held_reader(fleet) -> Callable[[str, int], Awaitable[int]]:
+    """The requests routers hold for a (model, version), from the fleet's KV."""
+
+    async def held(model_name: str, version: int) -> int:
+        entries = await fleet.kv_list(held_prefix(model_name, version))
+        return sum_fresh_held(value for _, value in entries)
+
+    return held
+
+
 def catalog_workers(catalog) -> Callable[[str, int], list[WorkerEndpoint]]:
-    """Workers of a (model, version) in the registry's embedded discovery catalog."""
+    """Workers of a (model, version) in discovery: the embedded catalog or a registry fleet view
+    (services/registry/fleet.py); both list instances by service and model."""
 
     def list_workers(model_name: str, version: int) -> list[WorkerEndpoint]:
         return [WorkerEndpoint(i.instance_id, i.address, i.model_name, i.model_version)

@@ -56,30 +56,80 @@ class AdminConfig:
     # --admin-token-file. Neither: admin methods are open.
     admin_token: str = ""
     admin_token_file: Path | None = None
-    # The admin TLS port (services/common/tls.py): -1 none; else mTLS there, admin methods for
-    # client certificates whose subject CN is in admin_subjects.
+    # The admin TLS port (services/common/tls.py): -1 none; else mTLS there (with TlsConfig's
+    # certificate, key and client CA), admin methods for client certificates whose subject CN is
+    # in admin_subjects. The same subjects may write on an mTLS serving port (tls_mode mtls).
     admin_tls_port: int = -1
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    tls_client_ca_file: Path | None = None
     admin_subjects: str = "tensoryard-admin"  # comma-separated
 
     def __post_init__(self) -> None:
         if self.admin_token and self.admin_token_file is not None:
             raise ValueError("admin_token and admin_token_file: give one, not both")
-        files = (self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
-        if self.admin_tls_port >= 0 and None in files:
-            raise ValueError("the admin TLS port needs --tls-cert, --tls-key and --tls-client-ca")
 
-    def admin_tls(self):
+    @property
+    def admin_subject_set(self) -> frozenset[str]:
+        return frozenset(name.strip() for name in self.admin_subjects.split(",") if name.strip())
+
+    def admin_tls(self, tls: TlsConfig):
         """The admin TLS listener's settings, or None when there is none."""
         if self.admin_tls_port < 0:
             return None
+        if None in (tls.tls_cert_file, tls.tls_key_file, tls.tls_client_ca_file):
+            raise ValueError("the admin TLS port needs --tls-cert, --tls-key and --tls-client-ca")
         from services.common.tls import AdminTlsConfig
 
-        return AdminTlsConfig(self.admin_tls_port, self.tls_cert_file, self.tls_key_file,
-                              self.tls_client_ca_file,
-                              frozenset(name.strip() for name in self.admin_subjects.split(",") if name.strip()))
+        return AdminTlsConfig(self.admin_tls_port, tls.tls_cert_file, tls.tls_key_file, tls.tls_client_ca_file,
+                              self.admin_subject_set)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS on the serving port and on the channels to other tensoryard processes
+    (services/common/tls.py says what each mode means and how channels follow it)."""
+
+    # off (plaintext) | tls (server certificate) | mtls (and client certificates signed by
+    # tls_client_ca_file required of every caller).
+    tls_mode: str = "off"
+    tls_cert_file: Path | None = None  # this process's certificate chain (PEM): server and client
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None  # the CA bundle client certificates must chain to
+    # The CA bundle servers this process calls are checked against (default: tls_client_ca_file,
+    # else the system's roots). Given, or tls_mode not off: the channels it opens use TLS.
+    tls_ca_file: Path | None = None
+    # The name servers' certificates must carry, instead of the host of the address dialled.
+    tls_server_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.tls_mode not in ("off", "tls", "mtls"):
+            raise ValueError(f"tls_mode must be off, tls or mtls, not {self.tls_mode!r}")
+        if self.tls_mode != "off" and (self.tls_cert_file is None or self.tls_key_file is None):
+            raise ValueError(f"tls_mode {self.tls_mode} needs --tls-cert and --tls-key (the server's certificate)")
+        if self.tls_mode == "mtls" and self.tls_client_ca_file is None:
+            raise ValueError("tls_mode mtls needs --tls-client-ca (the CA that signs client certificates)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file: give both or neither")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "tls_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: {path} is not a file")
+
+    def serving(self, admin_subjects: frozenset[str] = frozenset()):
+        """The serving port's TLS (services.common.tls.ServingTls), or None for plaintext."""
+        if self.tls_mode == "off":
+            return None
+        from services.common.tls import ServingTls
+
+        client_ca = self.tls_client_ca_file if self.tls_mode == "mtls" else None
+        return ServingTls(self.tls_cert_file, self.tls_key_file, client_ca, admin_subjects if client_ca else frozenset())
+
+    def channel_security(self):
+        """How this process's channels to other tensoryard processes are made (tls.ChannelSecurity)."""
+        from services.common.tls import PLAINTEXT, ChannelSecurity
+
+        if self.tls_mode == "off" and self.tls_ca_file is None:
+            return PLAINTEXT
+        return ChannelSecurity(True, self.tls_ca_file or self.tls_client_ca_file, self.tls_cert_file,
+                               self.tls_key_file, self.tls_server_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +184,16 @@ class AutoscaleConfig:
     # 0: not a signal.
     ttft_slo_s: float = 1.0
     scale_down_ttft_fraction: float = 0.5
+    # A TTFT breach with every load signal under its threshold (a burst) adds this share of the
+    # ready replicas per interval, not a count in proportion to the breach.
+    scale_up_ttft_step_ratio: float = 0.25
     # Stabilisation, Kubernetes HPA's semantics: act on the lowest recommendation of the last
     # scale_up_window_s when scaling up, the highest of the last scale_down_window_s when down.
     scale_up_window_s: float = 0.0
     scale_down_window_s: float = 300.0
+    # After a scale-up, no further one while its replicas are still starting, for at most this long
+    # (then they count as failed to start); about a replica's cold start, model load included.
+    scale_up_hold_s: float = 120.0
     # At most max(max_step, ceil(ratio * current)) replicas added (removed: floor) per interval.
     max_step_up: int = 4
     max_step_up_ratio: float = 1.0
@@ -145,6 +201,10 @@ class AutoscaleConfig:
     max_step_down_ratio: float = 0.1
     # A deployment whose min_replicas is 0 goes to 0 after this long without a request.
     scale_to_zero_idle_s: float = 600.0
+    # With --discovery consul://, registries elect the one autoscaler that acts through a Consul
+    # session lock (services/autoscale/leader.py): the session's TTL and lock-delay.
+    leader_ttl_s: float = 10.0
+    leader_lock_delay_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.autoscale_actuator not in ("", *ACTUATORS):
@@ -158,9 +218,14 @@ class AutoscaleConfig:
                 raise ValueError(f"scale_down_{signal} ({down}) must be >= 0 and below scale_up_{signal} ({up})")
         if self.scale_up_kv_fraction > 1:
             raise ValueError(f"scale_up_kv_fraction must be at most 1, not {self.scale_up_kv_fraction}")
+        if self.scale_up_ttft_step_ratio < 0:
+            raise ValueError(f"scale_up_ttft_step_ratio must be >= 0, not {self.scale_up_ttft_step_ratio}")
         if self.ttft_slo_s < 0 or not 0 < self.scale_down_ttft_fraction < 1:
             raise ValueError("ttft_slo_s must be >= 0 and scale_down_ttft_fraction in (0, 1)")
-        for name in ("scale_up_window_s", "scale_down_window_s", "scale_to_zero_idle_s"):
+        if self.leader_ttl_s < 1:
+            raise ValueError(f"leader_ttl_s must be >= 1 (Consul's own minimum is 10 s), not {self.leader_ttl_s}")
+        for name in ("scale_up_window_s", "scale_down_window_s", "scale_to_zero_idle_s", "leader_lock_delay_s",
+                     "scale_up_hold_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
         if self.max_step_up < 1 or self.max_step_down < 1:
@@ -227,13 +292,19 @@ class RegistryConfig:
     default_lease_ttl_ms: int = 10_000
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
     nomad: NomadConfig = field(default_factory=NomadConfig)  # the `nomad` actuator's
+    # Where the autoscaler and the rollback guard find workers and routers and keep scaling signals:
+    # "" for this registry's embedded catalog, or consul://host:port (then several registries elect
+    # one acting autoscaler).
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
         if self.default_lease_ttl_ms < 100:
             raise ValueError(f"default_lease_ttl_ms must be >= 100, not {self.default_lease_ttl_ms}")
+        self.admin.admin_tls(self.tls)  # its files are checked now, not when the server starts
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +333,12 @@ class WorkerConfig:
     max_num_batched_tokens: int = 0
     max_model_len: int = 0
     dtype: str = ""
+    # LLM weight and KV-cache dtypes (services/worker/models/weight_dtypes.py); empty: the version's
+    # `weight_dtype` / `kv_cache_dtype`, else "auto".
+    weight_dtype: str = ""
+    kv_cache_dtype: str = ""
+    # LLM kernels (kernels/ops.py): auto | torch | cpu | triton; empty: the version's `kernels`, else auto.
+    kernels: str = ""
     # LLM admission control (0: keep the version's value, else the default in services/worker/admission.py).
     max_num_queued_tokens: int = 0
     max_queue_wait_s: float = 0.0
@@ -278,6 +355,7 @@ class WorkerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
     def __post_init__(self) -> None:
@@ -295,6 +373,7 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
         if self.progress_timeout_s <= 0:
             raise ValueError(f"progress_timeout_s must be > 0, not {self.progress_timeout_s}")
+        self.admin.admin_tls(self.tls)  # its files are checked now, not when the server starts
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,8 +413,14 @@ class RouterConfig:
     migrate_after_s: float = 3.0
     # On SIGTERM: how long in-flight requests get to finish.
     drain_timeout_s: float = 30.0
+    # Scale from zero (services/router/cold_start.py): a request for a deployment scaled to zero
+    # waits up to this long for its first replica (0: refused at once, as for any model without
+    # a replica), at most max_held_per_model of them per model.
+    cold_start_hold_s: float = 60.0
+    max_held_per_model: int = 256
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
@@ -352,7 +437,7 @@ class RouterConfig:
         if self.max_in_flight_per_model < 1:
             raise ValueError(f"max_in_flight_per_model must be >= 1, not {self.max_in_flight_per_model}")
         for name in ("kv_overlap_weight", "kv_temperature", "load_guard_abs", "retry_budget_ratio",
-                     "retry_budget_min_per_s", "drain_timeout_s"):
+                     "retry_budget_min_per_s", "drain_timeout_s", "cold_start_hold_s", "max_held_per_model"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
         if self.load_guard_ratio < 1:

@@ -51,12 +51,15 @@ class ConsulHttp:
         return self._session
 
     async def request(self, method: str, path: str, params: dict[str, str] | None = None,
-                      body: Any = None, timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[Any, int]:
-        """The decoded JSON body (None when empty) and X-Consul-Index (0 when absent)."""
+                      body: Any = None, timeout_s: float = REQUEST_TIMEOUT_S, raw_body: bytes | None = None
+                      ) -> tuple[Any, int]:
+        """The decoded JSON body (None when empty) and X-Consul-Index (0 when absent). `raw_body` is
+        sent as it is (a KV value), `body` as JSON."""
         url = self.base_url + path
+        data = raw_body if raw_body is not None else (None if body is None else json.dumps(body))
         try:
             async with self._client().request(
-                method, url, params=params, data=None if body is None else json.dumps(body),
+                method, url, params=params, data=data,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as response:
                 text = await response.text()
@@ -83,6 +86,14 @@ class ConsulHttp:
 
     async def put(self, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
         result, _ = await self.request("PUT", path, params, body)
+        return result
+
+    async def put_raw(self, path: str, value: bytes, params: dict[str, str] | None = None) -> Any:
+        result, _ = await self.request("PUT", path, params, raw_body=value)
+        return result
+
+    async def delete(self, path: str, params: dict[str, str] | None = None) -> Any:
+        result, _ = await self.request("DELETE", path, params)
         return result
 
     async def close(self) -> None:

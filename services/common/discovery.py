@@ -112,6 +112,19 @@ class DiscoveryClient:
             await asyncio.sleep(RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)])
             attempt += 1
 
+    # -- KV: scaling signals (services/autoscale/) ------------------------------------------------
+
+    async def kv_put(self, key: str, value: bytes) -> None:
+        await self._stub.KVPut(discovery_pb2.KVPutRequest(key=key, value=value), timeout=5)
+
+    async def kv_list(self, prefix: str) -> list[tuple[str, bytes]]:
+        """(key, value) of every key under `prefix`, sorted by key."""
+        response = await self._stub.KVGet(discovery_pb2.KVGetRequest(key=prefix, prefix=True), timeout=5)
+        return sorted((e.key, e.value) for e in response.entries)
+
+    async def kv_delete(self, key: str) -> None:
+        await self._stub.KVDelete(discovery_pb2.KVDeleteRequest(key=key), timeout=5)
+
     async def close(self) -> None:
         if self._owns_channel:
             await self._channel.close()

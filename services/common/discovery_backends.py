@@ -57,7 +57,9 @@ def consul_base_url(url: str) -> str | None:
     return f"{CONSUL_SCHEMES[scheme]}://{rest.rstrip('/')}"
 
 
-def discovery_from_url(url: str, token: str = "") -> Discovery:
+def discovery_from_url(url: str, token: str = "", security=None) -> Discovery:
+    """`security` (services.common.tls.ChannelSecurity) secures the channel to a registry's catalog;
+    Consul's HTTPS is its own (consul+https://)."""
     base_url = consul_base_url(url)
     if base_url is not None:
         from services.common.discovery_consul import ConsulDiscovery
@@ -68,7 +70,9 @@ def discovery_from_url(url: str, token: str = "") -> Discovery:
 
     if not url:
         raise ValueError("discovery: give a registry's host:port or consul://host:port")
-    return DiscoveryClient(aio_channel(url), owns_channel=True)
+    from services.common.tls import PLAINTEXT
+
+    return DiscoveryClient(aio_channel(url, security=security or PLAINTEXT), owns_channel=True)
 
 
 def read_consul_token(consul_token: str = "", consul_token_file: Path | None = None) -> str:

@@ -27,6 +27,7 @@ instances missing from its answers are kept, then the answer is taken as it is.
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -216,11 +217,38 @@ class ConsulDiscovery:
                 last = current
                 yield list(current.values())
 
+    # -- KV: scaling signals (services/autoscale/) ------------------------------------------------
+
+    @property
+    def http(self) -> ConsulHttp:
+        """The agent's HTTP client, for what else talks to the same agent (the leader lock)."""
+        return self._http
+
+    async def kv_put(self, key: str, value: bytes) -> None:
+        await self._http.put_raw(_kv_path(key), value)
+
+    async def kv_list(self, prefix: str) -> list[tuple[str, bytes]]:
+        """(key, value) of every key under `prefix`, sorted by key; [] when there is none."""
+        try:
+            entries, _ = await self._http.get(_kv_path(prefix), {"recurse": "true"})
+        except ConsulError as error:
+            if error.status == 404:  # Consul's answer for "no such key"
+                return []
+            raise
+        return sorted((e["Key"], base64.b64decode(e["Value"] or b"")) for e in entries or [])
+
+    async def kv_delete(self, key: str) -> None:
+        await self._http.delete(_kv_path(key))
+
     def _health_path(self, service: str) -> str:
         return f"/v1/health/service/{quote(consul_service_name(service), safe='')}"
 
     async def close(self) -> None:
         await self._http.close()
+
+
+def _kv_path(key: str) -> str:
+    return "/v1/kv/" + quote(key, safe="/")
 
 
 def _instances(entries, service: str, model_name: str) -> list[discovery_pb2.Instance]:

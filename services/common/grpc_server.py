@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import access_log, errors, tracing
 from services.common.admin_auth import AdminTokenInterceptor
-from services.common.tls import AdminTlsConfig
+from services.common.tls import PLAINTEXT, AdminTlsConfig, ChannelSecurity, ServingTls
 from services.common.request_decoding import cancelled_for_bad_message, checked_request, tolerant_deserializer
 from services.common.telemetry import GRPC_LATENCY, GRPC_REQUESTS, get_logger
 
@@ -236,22 +236,27 @@ def _observe(labels, code, context, started: float, record: access_log.RequestRe
 
 class GrpcHost:
     """A grpc.aio server with health, reflection, the error interceptor and, given an admin token,
-    the admin check.
+    the admin check. `serving_tls` puts TLS (or mTLS) on the serving port (tls.py); `admin_tls`
+    adds the admin mTLS port.
 
     Register services with `add_servicer` / `add_generic_handler`, then `start()`. Health starts
     NOT_SERVING for every service; the owner flips it with `set_serving()` once ready.
     """
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra_options=(), role: str = "",
-                 instance_id: str = "", admin_token: str = "", admin_tls: AdminTlsConfig | None = None):
+                 instance_id: str = "", admin_token: str = "", admin_tls: AdminTlsConfig | None = None,
+                 serving_tls: ServingTls | None = None):
         # The admin check sits inside the error interceptor, so refused calls are counted and
-        # logged too; with neither a token nor an admin TLS port there is no check at all
-        # (admin_auth.py).
+        # logged too; with neither a token nor admin certificate subjects (an admin TLS port, an
+        # mTLS serving port) there is no check at all (admin_auth.py).
         interceptors = [ErrorInterceptor(role, instance_id)]
         self._admin_tls = admin_tls
+        self._serving_tls = serving_tls
         self.admin_tls_port: int | None = None
-        if admin_token or admin_tls is not None:
-            subjects = admin_tls.admin_subjects if admin_tls is not None else frozenset()
+        subjects = admin_tls.admin_subjects if admin_tls is not None else frozenset()
+        if serving_tls is not None and serving_tls.mutual:
+            subjects = subjects | serving_tls.admin_subjects
+        if admin_token or subjects:
             interceptors.append(AdminTokenInterceptor(admin_token, admin_subjects=subjects))
         self.server = grpc.aio.server(
             interceptors=interceptors,
@@ -274,7 +279,10 @@ class GrpcHost:
     async def start(self, host: str, port: int) -> int:
         names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self._serving_tls is None:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        else:
+            self.port = self.server.add_secure_port(f"{host}:{port}", self._serving_tls.server_credentials())
         if self.port == 0:
             raise errors.Unavailable(f"cannot listen on {host}:{port} (in use?)")
         if self._admin_tls is not None:
@@ -344,7 +352,7 @@ def bind_request(request_id: str, model: str = "", version: str = "", **extra: A
         record.request_id, record.model, record.version = request_id, model, version
 
 
-def aio_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, options: Iterable = ()):
-    return grpc.aio.insecure_channel(
-        address, options=[*message_size_options(max_message_bytes), *options]
-    )
+def aio_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, options: Iterable = (),
+                security: ChannelSecurity = PLAINTEXT) -> grpc.aio.Channel:
+    """A channel to another tensoryard process: plaintext, or TLS as `security` says (tls.py)."""
+    return security.aio_channel(address, [*message_size_options(max_message_bytes), *options])

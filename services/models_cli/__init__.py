@@ -28,12 +28,13 @@ def run_models_command(args: argparse.Namespace, env: dict[str, str]) -> int:
 
     from services.common.admin_auth import admin_channel, client_admin_token
     from services.common.errors import TensoryardError
+    from services.common.tls import client_security
     from services.models_cli.context import Context
 
     command = f"tensoryard models {args.models_command}"
     try:
         token = client_admin_token(env, getattr(args, "admin_token_file", None))
-        with grpc.insecure_channel(args.registry) as plain_channel:
+        with client_security(args, env).channel(args.registry) as plain_channel:
             ctx = Context(admin_channel(plain_channel, token), args.json, sys.stdout, sys.stderr, _user(env))
             return _command(args.models_command)(args, ctx)
     except grpc.RpcError as error:
@@ -53,12 +54,13 @@ def run_models_command(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def _command(name: str):
-    from services.models_cli import diff, listing, manage, push, traffic
+    from services.models_cli import diff, export_onnx, listing, manage, push, traffic
 
     return {
         "push": push.run_push, "register": push.run_push, "import": push.run_import,
         "list": listing.run_list, "show": listing.run_show, "diff": diff.run_diff,
         "alias": manage.run_alias, "rm": manage.run_rm, "traffic": traffic.run_traffic,
+        "export-onnx": export_onnx.run_export_onnx,
     }[name]
 
 

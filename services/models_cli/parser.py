@@ -16,6 +16,9 @@ def add_models_commands(subparsers, add_admin_token_flag) -> None:
     common.add_argument("--registry", default="127.0.0.1:7070", help="the registry's address")
     common.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
     add_admin_token_flag(common)
+    from services.common.tls import add_client_tls_flags
+
+    add_client_tls_flags(common)
 
     models = subparsers.add_parser("models", help="manage models in the registry")
     sub = models.add_subparsers(dest="models_command", required=True)
@@ -42,6 +45,9 @@ def add_models_commands(subparsers, add_admin_token_flag) -> None:
     importing.add_argument("--task", choices=TASKS, help="default: from the source where it is plain")
     _add_version_flags(importing)
     importing.add_argument("--mlflow-tracking-uri", default="", help="e.g. sqlite:///mlflow.db")
+    importing.add_argument("--quantize", choices=("int8",), default="",
+                           help="ONNX sources: push the int8 dynamic quantization (onnxruntime.quantization), "
+                                "recorded in the lineage")
     importing.add_argument("--work-dir", type=Path, default=Path(".tensoryard/imports"),
                            help="where converted folders and downloads are kept")
 
@@ -71,6 +77,10 @@ def add_models_commands(subparsers, add_admin_token_flag) -> None:
     from services.models_cli.traffic import add_traffic_command
 
     add_traffic_command(sub, common)
+
+    from services.models_cli.export_onnx import add_export_onnx_command
+
+    add_export_onnx_command(sub, common, _add_version_flags)
 
     # promote, gate and rollback belong to services/rollout/, present once it is written.
     if rollout_commands_present():

@@ -28,24 +28,31 @@ def run_push(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def run_import(args: argparse.Namespace, ctx: Context) -> int:
-    with prepared_import(args.source, args.work_dir, args.mlflow_tracking_uri) as prepared:
+    user_config = _config(args.config_json)
+    with prepared_import(args.source, args.work_dir, args.mlflow_tracking_uri, quantize=args.quantize,
+                         config=user_config) as prepared:
         task = args.task or prepared.task
         if not task:
             raise ValueError(f"cannot tell the task of {args.source} from its config: pass --task")
         name = args.name or prepared.name
         source = Source(prepared.source.kind, prepared.source.uri, prepared.source.details,
                         parent_version=args.parent, created_by=ctx.user)
+        config = prepared.config if prepared.config is not None else user_config
         result = _push(ctx, args, name, task, prepared.folder, source, metadata=prepared.metadata,
-                       files=prepared.files)
+                       files=prepared.files, config=config, extra_labels=prepared.labels)
     return _report(ctx, name, result)
 
 
-def _push(ctx: Context, args, name, task, folder, source, **kwargs) -> PushResult:
+def _push(ctx: Context, args, name, task, folder, source, config: dict | None = None,
+          extra_labels: dict[str, str] | None = None, gate: registry_pb2.Gate | None = None,
+          **kwargs) -> PushResult:
     progress = upload_progress(ctx.err)
+    config = _config(args.config_json) if config is None else config
     try:
-        return push_folder(ctx.channel, name, task, folder, _config(args.config_json), source,
-                           description=args.description, labels=_labels(args.label), progress=progress,
-                           gate=read_gate(args.gate_file), **kwargs)
+        return push_folder(ctx.channel, name, task, folder, config, source,
+                           description=args.description, labels={**(extra_labels or {}), **_labels(args.label)},
+                           progress=progress,
+                           gate=read_gate(args.gate_file) or gate, **kwargs)
     finally:
         progress.close()
 

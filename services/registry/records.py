@@ -263,3 +263,8 @@ def _check_string_map(name: str, mapping: object) -> None:
             raise InvalidArgument(f"{name}: keys must be non-empty strings, got {key!r}")
         _check_text(f"{name}[{key!r}]", key)
         _check_text(f"{name}[{key!r}]", value)
+
+
+def check_version_number(version: object) -> None:
+    if type(version) is not int or version < 1:
+        raise InvalidArgument(f"version must be a positive integer, got {version!r}")

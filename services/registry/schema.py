@@ -127,7 +127,15 @@ _SQLITE_V3 = (
     "ALTER TABLE deployments_v3 RENAME TO deployments",
 )
 
-SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SQLITE_V1, _SQLITE_V2, _SQLITE_V3)
+# The highest fencing token each controller has acted with (services/autoscale/leader.py): a write
+# carrying a lower one is from a deposed leader and is refused.
+_FENCING = """CREATE TABLE fencing (
+        name  TEXT PRIMARY KEY,
+        token BIGINT NOT NULL CHECK (token >= 0)
+    )"""
+_SQLITE_V4 = (_FENCING,)
+
+SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SQLITE_V1, _SQLITE_V2, _SQLITE_V3, _SQLITE_V4)
 
 _PG_V1 = (
     """CREATE TABLE models (
@@ -183,7 +191,9 @@ _PG_V3 = (
     "ALTER TABLE deployments ADD CONSTRAINT deployments_zero_check CHECK (replicas >= 1 OR autoscale = 1)",
 )
 
-POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (_PG_V1, _PG_V2, _PG_V3)
+_PG_V4 = (_FENCING,)
+
+POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (_PG_V1, _PG_V2, _PG_V3, _PG_V4)
 
 SCHEMA_VERSION = len(SQLITE_MIGRATIONS)
 if len(POSTGRES_MIGRATIONS) != SCHEMA_VERSION:

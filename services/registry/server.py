@@ -12,7 +12,7 @@ from services.common.grpc_server import GrpcHost, install_signal_handlers
 from services.common.telemetry import get_logger, start_metrics_server
 from services.registry.blobs import BlobStore, LocalBlobStore
 from services.registry.database import open_database
-from services.registry.discovery import DiscoveryCatalog
+from services.registry.discovery import DiscoveryCatalog, new_instance_id
 from services.registry.servicer import DiscoveryServicer, ModelRegistryServicer
 from services.registry.store import ModelStore
 from services.registry.uploads import UploadSpool
@@ -54,20 +54,42 @@ async def _expire_leases(catalog: DiscoveryCatalog) -> None:
             log.warning("lease_expired", instance_id=instance_id)
 
 
-def _start_autoscaler(config: RegistryConfig, store: ModelStore, catalog: DiscoveryCatalog) -> asyncio.Task | None:
+def _start_autoscaler(config: RegistryConfig, store: ModelStore, fleet, leader) -> asyncio.Task | None:
     """The autoscaler (services/autoscale/controller.py) when `autoscale_actuator` names one; it
-    reads the workers discovery lists and publishes its decisions in the discovery KV."""
+    reads the workers discovery lists and the requests routers hold, publishes its decisions in the
+    discovery KV, and acts only while `leader` gives it a fencing token."""
     if not config.autoscale.autoscale_actuator:
         return None
     from services.autoscale.controller import AutoscaleController, make_actuator
-    from services.autoscale.signals import SignalReader, catalog_workers
+    from services.autoscale.signals import SignalReader, catalog_workers, held_reader
+    from services.common.grpc_server import aio_channel
 
+    security = config.tls.channel_security()  # workers' ports are TLS when the registry's is
+    signals = SignalReader(catalog_workers(fleet), channel_for=lambda address: aio_channel(address, security=security),
+                           held=held_reader(fleet))
     controller = AutoscaleController(
-        config.autoscale, store.list_deployments, SignalReader(catalog_workers(catalog)),
+        config.autoscale, store.list_deployments, signals,
         make_actuator(config.autoscale, store, config.nomad),
-        publish=lambda key, value: catalog.kv_put(key, value),
+        publish=fleet.kv_put, leader=leader,
     )
     return asyncio.create_task(controller.run())
+
+
+def _fleet_and_leader(config: RegistryConfig, catalog: DiscoveryCatalog, instance_id: str):
+    """The fleet view the controllers read (services/registry/fleet.py) and the autoscaler's leader
+    lock: on Consul an elected one (services/autoscale/leader.py), else this registry alone."""
+    from services.autoscale.leader import ConsulLeaderLock, SoleLeader
+    from services.common.discovery_backends import consul_base_url, discovery_from_url, read_consul_token
+    from services.registry.fleet import ConsulFleet, EmbeddedFleet
+
+    url = config.discovery.discovery_url
+    if not url or consul_base_url(url) is None:
+        return EmbeddedFleet(catalog), SoleLeader()
+    discovery = discovery_from_url(url, read_consul_token(config.discovery.consul_token,
+                                                          config.discovery.consul_token_file))
+    leader = ConsulLeaderLock(discovery.http, instance_id, ttl_s=config.autoscale.leader_ttl_s,
+                              lock_delay_s=config.autoscale.leader_lock_delay_s)
+    return ConsulFleet(discovery), leader
 
 
 async def serve(config: RegistryConfig, stop: asyncio.Event | None = None) -> None:
@@ -79,7 +101,8 @@ async def serve(config: RegistryConfig, stop: asyncio.Event | None = None) -> No
     uploads = UploadSpool(config.data_dir / "uploads", blobs)
     catalog = DiscoveryCatalog()
     admin_token = read_admin_token(config.admin.admin_token, config.admin.admin_token_file)
-    host = GrpcHost(role="registry", admin_token=admin_token, admin_tls=config.admin.admin_tls())
+    host = GrpcHost(role="registry", admin_token=admin_token, admin_tls=config.admin.admin_tls(config.tls),
+                    serving_tls=config.tls.serving(config.admin.admin_subject_set))
     host.add_servicer(
         registry_pb2_grpc.add_ModelRegistryServicer_to_server,
         ModelRegistryServicer(store, blobs, uploads, admin_token),
@@ -97,10 +120,13 @@ async def serve(config: RegistryConfig, stop: asyncio.Event | None = None) -> No
     # Watches canaries through the routers' metrics and rolls back breaches (services/rollout/guard.py);
     # idle while no policy gives a canary a share. With several registries on one database each
     # runs one: the policy revision check lets only the first rollback through.
-    guard = asyncio.create_task(store_guard(store, catalog).run())
-    autoscaler = _start_autoscaler(config, store, catalog)
+    fleet, leader = _fleet_and_leader(config, catalog, f"registry-{new_instance_id()}@{config.host}:{port}")
+    fleet.start()
+    guard = asyncio.create_task(store_guard(store, fleet).run())
+    autoscaler = _start_autoscaler(config, store, fleet, leader)
+    electing = asyncio.create_task(leader.run()) if autoscaler is not None else None
     log.info("registry_ready", address=f"{config.host}:{port}", metrics_port=metrics_port,
-             admin_tls_port=host.admin_tls_port,
+             admin_tls_port=host.admin_tls_port, tls_mode=config.tls.tls_mode,
              data_dir=str(config.data_dir))
     if stop is None:
         stop = asyncio.Event()
@@ -111,5 +137,8 @@ async def serve(config: RegistryConfig, stop: asyncio.Event | None = None) -> No
     guard.cancel()
     if autoscaler is not None:
         autoscaler.cancel()
+        electing.cancel()
+        await leader.close()  # a clean stop hands the lock over at once
+    await fleet.close()
     await host.stop(grace_s=2.0)
     store.close()

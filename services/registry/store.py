@@ -10,15 +10,17 @@ foreign keys, so neither can name a version that is not there.
 
 Every change writes its audit row in the same transaction as the change, with the actor the
 caller names ("admin-token", "anonymous", "local", "controller").
+
+Models, versions, blobs and verification are here; aliases, traffic policies and deployments in
+`rollout_state.py`, the audit log in `audit_log.py`: `ModelStore` is all three.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -27,8 +29,6 @@ from services.registry.blobs import BlobStore
 from services.registry.database import Connection, Database, SqliteDatabase
 from services.registry.records import (
     AliasRecord,
-    AuditEntry,
-    DeploymentRecord,
     FileRecord,
     Lineage,
     ModelRecord,
@@ -36,19 +36,17 @@ from services.registry.records import (
     VersionRecord,
     canonical_config_json,
     check_link_stays_inside,
+    check_version_number,
     parse_version_ref,
-    validate_alias_name,
-    validate_audit_action,
     validate_model_name,
     validate_task,
 )
+from services.registry.audit_log import AuditLog, checked_details
+from services.registry.rollout_state import RolloutState
 from services.registry.schema import SCHEMA_VERSION
-from services.registry.traffic import TrafficPolicy, validate_policy
+from services.registry.traffic import TrafficPolicy
 
 __all__ = ["SCHEMA_VERSION", "ModelStore", "ModelSummary", "VerifyReport"]
-
-MAX_REPLICAS = 1024
-
 
 @dataclass(frozen=True, slots=True)
 class ModelSummary:
@@ -65,7 +63,7 @@ class VerifyReport:
     problems: tuple[str, ...]  # each a sentence naming model, version, file and blob
 
 
-class ModelStore:
+class ModelStore(RolloutState, AuditLog):
     def __init__(
         self,
         database: Database | Path,
@@ -260,7 +258,7 @@ class ModelStore:
         """Remove a version no alias, traffic policy or deployment uses; then the blobs that no
         other version uses."""
         validate_model_name(model_name)
-        _check_version_number(version)
+        check_version_number(version)
 
         def work(conn: Connection) -> list[str]:
             conn.lock_model(model_name)
@@ -281,213 +279,6 @@ class ModelStore:
                     self.blobs.delete(sha256)
 
         self._db.run(work, write=True)
-
-    # -- aliases --------------------------------------------------------------------------
-
-    def set_alias(
-        self, model_name: str, name: str, version: int, reason: str = "", actor: str = "local"
-    ) -> AliasRecord:
-        validate_model_name(model_name)
-        validate_alias_name(name)
-        _check_version_number(version)
-        record = AliasRecord(model_name, name, version, self._clock())
-
-        def work(conn: Connection) -> AliasRecord:
-            conn.lock_model(model_name)
-            self._read_version(conn, model_name, version)
-            previous = version_rows.alias_version(conn, model_name, name)
-            version_rows.upsert_alias(conn, record)
-            details = {"alias": name, "previous_version": previous, "reason": reason}
-            self._audit(conn, actor, "alias.set", model_name, version, details)
-            return record
-
-        return self._db.run(work, write=True)
-
-    def delete_alias(self, model_name: str, name: str, reason: str = "", actor: str = "local") -> None:
-        validate_model_name(model_name)
-        validate_alias_name(name)
-
-        def work(conn: Connection) -> None:
-            conn.lock_model(model_name)
-            version = self._resolve(conn, model_name, name)
-            conn.execute("DELETE FROM aliases WHERE model_name = ? AND name = ?", (model_name, name))
-            self._audit(conn, actor, "alias.delete", model_name, version, {"alias": name, "reason": reason})
-
-        self._db.run(work, write=True)
-
-    def list_aliases(self, model_name: str) -> list[AliasRecord]:
-        validate_model_name(model_name)
-
-        def work(conn: Connection) -> list[AliasRecord]:
-            version_rows.require_model(conn, model_name)
-            return version_rows.aliases(conn, model_name)
-
-        return self._db.run(work, write=False)
-
-    # -- traffic policy -------------------------------------------------------------------
-
-    def get_traffic_policy(self, model_name: str) -> TrafficPolicy:
-        validate_model_name(model_name)
-
-        def work(conn: Connection) -> TrafficPolicy:
-            version_rows.require_model(conn, model_name)
-            policy = version_rows.traffic_policy(conn, model_name)
-            if policy is None:
-                raise NotFound(f"model {model_name!r} has no traffic policy")
-            return policy
-
-        return self._db.run(work, write=False)
-
-    def set_traffic_policy(
-        self, policy: TrafficPolicy, expected_revision: int = 0, reason: str = "", actor: str = "local",
-        audit_action: str = "traffic.set", audit_details: dict | None = None,
-    ) -> TrafficPolicy:
-        """Store `policy` at the next revision; with `expected_revision` > 0, only if the stored
-        revision still equals it (FailedPrecondition otherwise: read it again). The audit entry
-        (`audit_action`, e.g. "rollback", with `audit_details` added) is written in the same
-        transaction: no rollback without its reason on record."""
-        validate_model_name(policy.model_name)
-        validate_policy(policy)
-        if type(expected_revision) is not int or expected_revision < 0:
-            raise InvalidArgument(f"expected_revision must be >= 0, got {expected_revision!r}")
-        model_name = policy.model_name
-
-        def work(conn: Connection) -> TrafficPolicy:
-            version_rows.require_model(conn, model_name)
-            conn.lock_model(model_name)
-            current = version_rows.traffic_policy(conn, model_name)
-            revision = current.revision if current else 0
-            if expected_revision and expected_revision != revision:
-                raise FailedPrecondition(
-                    f"traffic policy of {model_name!r} is at revision {revision}, not "
-                    f"{expected_revision}: read it again and retry"
-                )
-            existing = set(version_rows.version_numbers(conn, model_name))
-            missing = sorted(policy.versions - existing)
-            if missing:
-                raise NotFound(f"traffic policy names versions {missing} that model {model_name!r} does not have")
-            stored = replace(policy, revision=revision + 1, updated_at_s=self._clock())
-            version_rows.upsert_traffic_policy(conn, stored)
-            details = {**(audit_details or {}), "revision": stored.revision, "policy": stored.to_json_dict(),
-                       "reason": reason}
-            self._audit(conn, actor, audit_action, model_name, stored.stable_version, details)
-            return stored
-
-        return self._db.run(work, write=True)
-
-    # -- deployments ----------------------------------------------------------------------
-
-    def set_deployment(
-        self, model_name: str, version: int, replicas: int, reason: str = "", actor: str = "local",
-        min_replicas: int = 0, max_replicas: int = 0, autoscale: bool = False,
-    ) -> DeploymentRecord:
-        """The whole record: without `autoscale` the count is fixed (an operator's count turns the
-        autoscaler off for this version); with it the autoscaler moves `replicas` within
-        min_replicas..max_replicas."""
-        validate_model_name(model_name)
-        _check_version_number(version)
-        for name, value in (("replicas", replicas), ("min_replicas", min_replicas), ("max_replicas", max_replicas)):
-            if type(value) is not int or not 0 <= value <= MAX_REPLICAS:
-                raise InvalidArgument(f"{name} must be 0..{MAX_REPLICAS}, got {value!r}")
-        if autoscale and not (min_replicas <= replicas <= max_replicas and max_replicas >= 1):
-            raise InvalidArgument(f"an autoscaled deployment needs min_replicas <= replicas <= max_replicas and "
-                                  f"max_replicas >= 1, got {min_replicas} <= {replicas} <= {max_replicas}")
-        if not autoscale and (min_replicas or max_replicas):
-            raise InvalidArgument("min_replicas and max_replicas are the autoscaler's bounds: set autoscale too")
-        record = DeploymentRecord(model_name, version, replicas, self._clock(), min_replicas, max_replicas,
-                                  bool(autoscale))
-
-        def work(conn: Connection) -> DeploymentRecord:
-            conn.lock_model(model_name)
-            self._read_version(conn, model_name, version)
-            version_rows.put_deployment(conn, record)
-            details = {"replicas": replicas, "reason": reason}
-            if autoscale:
-                details.update(autoscale=True, min_replicas=min_replicas, max_replicas=max_replicas)
-            self._audit(conn, actor, "deployment.set", model_name, version, details)
-            return record
-
-        return self._db.run(work, write=True)
-
-    def scale_deployment(
-        self, model_name: str, version: int, replicas: int, reason: str, actor: str = "autoscaler"
-    ) -> DeploymentRecord | None:
-        """The autoscaler's write: `replicas` of a deployment that is still autoscaled, within its
-        bounds, in the same transaction that checks so (an operator who fixed the count or removed the
-        deployment since the autoscaler read it wins). None when it is no longer autoscaled."""
-        validate_model_name(model_name)
-        _check_version_number(version)
-
-        def work(conn: Connection) -> DeploymentRecord | None:
-            conn.lock_model(model_name)
-            current = version_rows.deployment(conn, model_name, version)
-            if current is None or not current.autoscale:
-                return None
-            if not current.min_replicas <= replicas <= current.max_replicas:
-                raise InvalidArgument(f"{replicas} replicas is outside {model_name} v{version}'s bounds "
-                                      f"{current.min_replicas}..{current.max_replicas}")
-            if replicas == current.replicas:
-                return current
-            record = replace(current, replicas=replicas, updated_at_s=self._clock())
-            version_rows.put_deployment(conn, record)
-            self._audit(conn, actor, "deployment.scale", model_name, version,
-                        {"replicas": replicas, "previous_replicas": current.replicas, "reason": reason})
-            return record
-
-        return self._db.run(work, write=True)
-
-    def list_deployments(self, model_name: str = "") -> list[DeploymentRecord]:
-        if model_name:
-            validate_model_name(model_name)
-
-        def work(conn: Connection) -> list[DeploymentRecord]:
-            if model_name:
-                version_rows.require_model(conn, model_name)
-            return version_rows.deployments(conn, model_name)
-
-        return self._db.run(work, write=False)
-
-    # -- audit ----------------------------------------------------------------------------
-
-    def append_audit(
-        self, action: str, model_name: str = "", version: int = 0, details: dict | None = None,
-        actor: str = "local",
-    ) -> AuditEntry:
-        """An entry for what happened outside the store (gate results, rollbacks)."""
-        validate_audit_action(action)
-        details = _checked_details(details)
-        if version and not model_name:
-            raise InvalidArgument("an audit entry that names a version must name its model")
-
-        def work(conn: Connection) -> AuditEntry:
-            if model_name:
-                validate_model_name(model_name)
-                version_rows.require_model(conn, model_name)
-            return self._audit(conn, actor, action, model_name, version, details)
-
-        return self._db.run(work, write=True)
-
-    def list_audit(self, model_name: str = "", after_sequence: int = 0, limit: int = 0) -> list[AuditEntry]:
-        if model_name:
-            validate_model_name(model_name)
-        if after_sequence < 0 or limit < 0:
-            raise InvalidArgument("after_sequence and limit must be >= 0")
-        return self._db.run(
-            lambda conn: version_rows.audit_entries(conn, model_name, after_sequence, limit), write=False
-        )
-
-    def _audit(
-        self, conn: Connection, actor: str, action: str, model_name: str, version: int, details: dict
-    ) -> AuditEntry:
-        conn.lock_audit()
-        at_s = self._clock()
-        details_json = json.dumps(details, sort_keys=True, separators=(",", ":"))
-        rows = conn.execute(
-            "INSERT INTO audit (at_s, actor, action, model_name, version, details_json) "
-            "VALUES (?, ?, ?, ?, ?, ?) RETURNING sequence",
-            (at_s, actor, action, model_name, version, details_json),
-        )
-        return AuditEntry(rows[0][0], at_s, actor, action, model_name, version, details)
 
     # -- verification ---------------------------------------------------------------------
 
@@ -541,7 +332,7 @@ class ModelStore:
             if previous.path == file.path:
                 raise InvalidArgument(f"file path {file.path!r} is listed twice")
         if gate is not None:
-            _checked_details(gate, "gate")
+            checked_details(gate, "gate")
         return version_rows.VersionDraft(
             model_name, files, canonical_config_json(config),
             metadata or VersionMetadata(), lineage or Lineage(), gate or None,
@@ -577,11 +368,6 @@ class ModelStore:
             )
 
 
-def _check_version_number(version: object) -> None:
-    if type(version) is not int or version < 1:
-        raise InvalidArgument(f"version must be a positive integer, got {version!r}")
-
-
 def _refuse_if_in_use(conn: Connection, model_name: str, version: int) -> None:
     aliases = [a.name for a in version_rows.aliases(conn, model_name) if a.version == version]
     if aliases:
@@ -596,18 +382,6 @@ def _refuse_if_in_use(conn: Connection, model_name: str, version: int) -> None:
             raise FailedPrecondition(
                 f"version {version} of {model_name!r} is deployed ({deployment.replicas} replicas): undeploy it first"
             )
-
-
-def _checked_details(details: object, what: str = "audit details") -> dict:
-    if details is None:
-        return {}
-    if not isinstance(details, dict):
-        raise InvalidArgument(f"{what} must be a JSON object, got {type(details).__name__}")
-    try:
-        json.dumps(details, allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise InvalidArgument(f"{what} are not JSON-serializable: {error}") from None
-    return details
 
 
 def _same_content(current: VersionRecord, draft: version_rows.VersionDraft) -> bool:

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from services.common.errors import NotFound
+from services.common.errors import FailedPrecondition, NotFound
 from services.registry.database import Connection
 from services.registry.records import (
     AliasRecord,
@@ -266,3 +266,14 @@ def audit_entries(conn: Connection, model_name: str, after_sequence: int, limit:
 
 def _to_json(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def check_fence(conn: Connection, name: str, token: int) -> None:
+    """Record `token` as `name`'s fencing token unless a higher one was recorded: then refuse, in
+    one statement, so two transactions cannot both pass with tokens out of order."""
+    rows = conn.execute(
+        "INSERT INTO fencing (name, token) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET token = excluded.token "
+        "WHERE fencing.token <= excluded.token RETURNING token", (name, token))
+    if not rows:
+        raise FailedPrecondition(f"fencing token {token} is below the one {name} last acted with: "
+                                 "this controller no longer holds the leader lock")

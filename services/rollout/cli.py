@@ -26,6 +26,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", default="127.0.0.1:8001", help="where the gate's requests go")
     parser.add_argument("--admin-token-file", type=Path, dest="admin_token_file",
                         help="file whose first line is the admin token (else $TENSORYARD_ADMIN_TOKEN)")
+    from services.common.tls import add_client_tls_flags
+
+    add_client_tls_flags(parser)  # for the registry and the router alike
 
 
 def add_rollout_commands(models_subparsers) -> None:
@@ -58,6 +61,7 @@ def run_rollout_command(args: argparse.Namespace, env: dict[str, str]) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from services.common.admin_auth import admin_channel, client_admin_token
+    from services.common.tls import client_security
     from services.rollout.promote import (
         PromoteFailed,
         Registry,
@@ -70,8 +74,9 @@ def run_rollout_command(args: argparse.Namespace, env: dict[str, str]) -> int:
     say = (lambda line: None) if args.json else (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     token = client_admin_token(env, args.admin_token_file)
     try:
-        with grpc.insecure_channel(args.registry) as registry_channel, \
-                grpc.insecure_channel(getattr(args, "router", "127.0.0.1:8001")) as router:
+        security = client_security(args, env)
+        with security.channel(args.registry) as registry_channel, \
+                security.channel(getattr(args, "router", "127.0.0.1:8001")) as router:
             registry = Registry(admin_channel(registry_channel, token))
             if command == "gate":
                 result = gate_version(registry, router, args.model, args.version, args.replica_wait_s, say)

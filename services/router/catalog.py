@@ -80,6 +80,9 @@ class ModelCatalog:
         self.registry = registry_pb2_grpc.ModelRegistryStub(channel)  # also what the repository RPCs call
         self._refresh_interval_s = refresh_interval_s
         self._models: dict[str, CatalogModel] = {}
+        # (model, version) of the deployments that scale to zero (autoscaled with min 0): a request
+        # finding no replica of one is held until one is ready (cold_start.py), not refused.
+        self._scale_to_zero: frozenset[tuple[str, int]] = frozenset()
         self._refreshed_at = float("-inf")
         self.num_refreshes = 0
 
@@ -95,8 +98,23 @@ class ModelCatalog:
         for name, model in models.items():
             models[name] = self._in_revision_order(self._models.get(name), model)
         self._models = models
+        self._scale_to_zero = await self._deployments_at_zero_min()
         self._refreshed_at = now
         self.num_refreshes += 1
+
+    async def _deployments_at_zero_min(self) -> frozenset[tuple[str, int]]:
+        try:
+            response = await self.registry.ListDeployments(registry_pb2.ListDeploymentsRequest(), timeout=5)
+        except grpc.aio.AioRpcError:
+            return self._scale_to_zero  # the models were listed a moment ago: keep what was known
+        return frozenset((d.model_name, d.version) for d in response.deployments
+                         if d.autoscale and d.min_replicas == 0)
+
+    def scales_to_zero(self, model_name: str, version: int) -> bool:
+        return (model_name, version) in self._scale_to_zero
+
+    def scale_to_zero_versions(self, model_name: str) -> set[int]:
+        return {version for name, version in self._scale_to_zero if name == model_name}
 
     @staticmethod
     def _in_revision_order(known: CatalogModel | None, listed: CatalogModel) -> CatalogModel:

@@ -36,6 +36,11 @@ MIGRATIONS = prometheus_client.Counter(
 REJECTED = prometheus_client.Counter(
     "tensoryard_router_rejected_total", "Requests refused by the router, by reason.", ["model", "reason"]
 )
+HELD_SECONDS = prometheus_client.Histogram(
+    "tensoryard_router_held_for_first_replica_seconds",
+    "How long requests for a deployment scaled to zero waited for its first replica (cold_start.py).",
+    ["model"], buckets=(0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120),
+)
 PREFIX_MATCHED_BLOCKS = prometheus_client.Counter(
     "tensoryard_router_prefix_matched_blocks_total",
     "Prompt blocks the chosen replica was known to hold (kv_aware), and all prompt blocks routed.",

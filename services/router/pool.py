@@ -23,6 +23,7 @@ from protos.tensoryard.v1 import discovery_pb2, worker_pb2, worker_pb2_grpc
 from services.common.discovery import DiscoveryClient
 from services.common.grpc_server import aio_channel
 from services.common.telemetry import get_logger
+from services.common.tls import PLAINTEXT, ChannelSecurity
 from services.router import metrics
 from services.router.kv_index import KvIndex
 from services.router.load import DRAINING, ReplicaLoad
@@ -112,9 +113,11 @@ class Backend:
 
 class BackendPool:
     def __init__(self, discovery: DiscoveryClient, max_message_bytes: int, config: PoolConfig = PoolConfig(),
-                 kv_index: KvIndex | None = None, model_task=lambda name: None, on_change=lambda: None):
+                 kv_index: KvIndex | None = None, model_task=lambda name: None, on_change=lambda: None,
+                 security: ChannelSecurity = PLAINTEXT):
         self._discovery = discovery
         self._max_message_bytes = max_message_bytes
+        self._security = security  # of the channels to the workers
         self.config = config
         self.kv_index = kv_index or KvIndex()
         self._model_task = model_task  # model name -> "generation" / "embedding" / None (unknown yet)
@@ -144,7 +147,8 @@ class BackendPool:
                 self._remove(self._backends.pop(instance_id))
         for instance_id, instance in current.items():
             if instance_id not in self._backends:
-                backend = Backend(instance, aio_channel(instance.address, self._max_message_bytes))
+                backend = Backend(instance, aio_channel(instance.address, self._max_message_bytes,
+                                                        security=self._security))
                 self._backends[instance_id] = backend
                 backend.follower = asyncio.create_task(self._follow_load(backend))
                 log.info("backend_added", worker=instance_id, model=instance.model_name,

@@ -31,6 +31,7 @@ from services.common.telemetry import get_logger, start_metrics_server
 from services.router import metrics
 from services.router.admission import InFlightLimiter
 from services.router.catalog import ModelCatalog
+from services.router.cold_start import ColdStartHold, HeldSignals
 from services.router.kv_index import KvIndex
 from services.router.policies import LoadGuard
 from services.router.pool import BackendPool, PoolConfig
@@ -64,19 +65,24 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     """Run the router until SIGINT/SIGTERM (or until `stop` is set, for callers that run it in
     their own event loop)."""
     metrics_port = start_metrics_server(config.telemetry, config.host)
-    registry = aio_channel(config.registry_address)
+    security = config.tls.channel_security()  # to the registry and the workers
+    registry = aio_channel(config.registry_address, security=security)
     discovery = discovery_from_url(
         config.discovery.discovery_url or config.registry_address,
         read_consul_token(config.discovery.consul_token, config.discovery.consul_token_file),
+        security,
     )
     catalog = ModelCatalog(registry)
     prompts = PromptTokenizers(registry)
-    host = GrpcHost(config.max_message_bytes, role="router")
+    host = GrpcHost(config.max_message_bytes, role="router", serving_tls=config.tls.serving())
     readiness = _Readiness(host)
     pool = BackendPool(
         discovery, config.max_message_bytes, pool_config(config), KvIndex(),
-        model_task=catalog.task, on_change=readiness.changed,
+        model_task=catalog.task, on_change=readiness.changed, security=security,
     )
+    router_id = f"router-{uuid.uuid4().hex[:12]}"
+    held = HeldSignals(discovery, router_id)
+    hold = ColdStartHold(pool, catalog, held, config.cold_start_hold_s, config.max_held_per_model)
     limiter = InFlightLimiter(config.max_in_flight_per_model)
     # --metrics-port -1 turns Prometheus observation off (for measuring what it costs).
     forwarded = metrics.ForwardedRequests(enabled=metrics_port is not None)
@@ -85,7 +91,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
         Relay(pool, RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s), config.max_migrations),
         limiter, prompts,
         tenant_key=config.tenant_metadata_key, session_key=config.session_metadata_key,
-        served_models=config.served_models, forwarded=forwarded,
+        served_models=config.served_models, forwarded=forwarded, hold=hold,
     )
     collector = metrics.RouterCollector(pool, limiter, forwarded) if forwarded.enabled else None
     if collector is not None:
@@ -101,9 +107,11 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
         log.warning("router_catalog_unavailable", error=str(error))
     pool.start()
     refresher = asyncio.create_task(catalog.run())
-    registering = asyncio.create_task(_register(discovery, f"{config.host}:{port}", metrics_port))
+    publishing_held = asyncio.create_task(held.run())
+    registering = asyncio.create_task(_register(discovery, router_id, f"{config.host}:{port}", metrics_port,
+                                                readiness.serving))
     log.info("router_listening", address=f"{config.host}:{port}", metrics_port=metrics_port,
-             models=list(config.served_models))
+             models=list(config.served_models), tls_mode=config.tls.tls_mode)
     if stop is None:
         stop = asyncio.Event()
         install_signal_handlers(stop)
@@ -120,6 +128,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     await _deregister(registering)
     refresher.cancel()
     watcher.cancel()
+    publishing_held.cancel()
     await host.stop(grace_s=config.drain_timeout_s)
     await pool.close()
     await registry.close()
@@ -129,17 +138,19 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     log.info("router_stopped")
 
 
-async def _register(discovery: Discovery, address: str, metrics_port: int | None) -> Registration:
+async def _register(discovery: Discovery, router_id: str, address: str, metrics_port: int | None,
+                    healthy) -> Registration:
     """Register as service `router` (retrying while the registry is away); the registration keeps
-    its lease alive from then on."""
+    its lease alive from then on. On Consul its TTL check passes while the router is ready
+    (`healthy`): not before it follows discovery, nor while it drains."""
     instance = discovery_pb2.Instance(
-        instance_id=f"router-{uuid.uuid4().hex[:12]}", service="router", address=address,
+        instance_id=router_id, service="router", address=address,
         metadata={"metrics_port": str(metrics_port or "")},
     )
     attempt = 0
     while True:
         try:
-            registration = await discovery.register(instance, LEASE_TTL_MS)
+            registration = await discovery.register(instance, LEASE_TTL_MS, healthy=healthy)
             log.info("router_registered", instance_id=instance.instance_id, address=address)
             return registration
         except DISCOVERY_ERRORS as error:
@@ -166,6 +177,9 @@ class _Readiness:
         self.stopping = False
         self._serving: bool | None = None
         self._pending = False
+
+    def serving(self) -> bool:
+        return bool(self._serving)
 
     def changed(self) -> None:
         if not self._pending:

@@ -33,6 +33,7 @@ from services.common.telemetry import get_logger
 from services.router import metrics, statistics
 from services.router.admission import InFlightLimiter
 from services.router.catalog import ModelCatalog
+from services.router.cold_start import ColdStartHold
 from services.router.policies import RouteRequest
 from services.router.pool import Backend, BackendPool
 from services.router.prompts import PromptTokenizers
@@ -95,9 +96,10 @@ class RoutingServicer:
     def __init__(self, pool: BackendPool, catalog: ModelCatalog, relay: Relay, limiter: InFlightLimiter,
                  prompts: PromptTokenizers, tenant_key: str = "x-tenant-id", session_key: str = "x-session-id",
                  served_models: tuple[str, ...] = (), forwarded: metrics.ForwardedRequests | None = None,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, hold: ColdStartHold | None = None):
         self._pool = pool
-        self._versions = VersionRouting(catalog, pool, rng)
+        self._hold = hold  # scale from zero: requests wait for a first replica (cold_start.py)
+        self._versions = VersionRouting(catalog, pool, rng, hold)
         # Counts what this router forwarded (requests by replica and code, its own latency, Triton's).
         self._forwarded = forwarded if forwarded is not None else metrics.ForwardedRequests(enabled=False)
         self._catalog = catalog
@@ -134,6 +136,11 @@ class RoutingServicer:
         backend = self._pool.pick(route, prompt_token_ids, candidates=candidates)
         if backend is not None:
             return backend
+        if self._hold is not None and self._hold.holds(route):
+            await self._hold.wait(route)
+            backend = self._pool.pick(route, prompt_token_ids)
+            if backend is not None:
+                return backend
         await self._catalog.check(route.model_name, route.model_version)
         metrics.REJECTED.labels(route.model_name, "no_replica").inc()
         raise no_replica(route)
@@ -323,7 +330,9 @@ class RoutingServicer:
         return self._pool.synced.is_set() and not self.models_without_replica()
 
     def models_without_replica(self) -> list[str]:
-        return [name for name in self.served_models if not self._pool.routable(name)]
+        """Served models with no routable replica, but for those that scale to zero: their
+        requests wait for a first replica here, which is serving them."""
+        return [name for name in self.served_models if not self._pool.routable(name) and not self._holds_for(name, "")]
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -336,7 +345,17 @@ class RoutingServicer:
             version = await self._versions.resolve(request.name, request.version)
         except (NotFound, InvalidArgument, Unavailable):
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=bool(self._pool.routable(request.name, version)))
+        return pb.ModelReadyResponse(ready=bool(self._pool.routable(request.name, version))
+                                     or self._holds_for(request.name, version))
+
+    def _holds_for(self, model_name: str, version: str) -> bool:
+        """A deployment scaled to zero is ready in the sense a caller needs: its requests are held
+        until a replica starts, not refused."""
+        if self._hold is None or not self._hold.enabled:
+            return False
+        if not version:
+            return bool(self._catalog.scale_to_zero_versions(model_name))
+        return version.isdigit() and self._catalog.scales_to_zero(model_name, int(version))
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(

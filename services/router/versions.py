@@ -29,8 +29,9 @@ from services.router.traffic import choose_version
 
 
 class VersionRouting:
-    def __init__(self, catalog: ModelCatalog, pool, rng: random.Random | None = None):
+    def __init__(self, catalog: ModelCatalog, pool, rng: random.Random | None = None, hold=None):
         self._catalog = catalog
+        self._hold = hold  # cold_start.ColdStartHold: the version to wait for when none is ready
         self._pool = pool  # services.router.pool.BackendPool: routable(model_name, model_version)
         self._rng = rng or random.Random()  # the weighted split's draws
 
@@ -59,6 +60,8 @@ class VersionRouting:
             version = max(ready_versions, default=None)
         else:
             version = choose_version(model.policy, model.aliases, ready_versions, values, self._rng).version
+        if version is None and self._hold is not None:
+            version = self._hold.version_to_wait_for(model, values)
         if version is None:
             metrics.REJECTED.labels(route.model_name, "no_replica").inc()
             raise no_replica(route)

@@ -18,7 +18,14 @@ from rich.console import Console
 from rich.live import Live
 
 from services.status.report import build_report
-from services.status.scrape import Round, default_router_metrics, metrics_url, take_round, up_router_metrics
+from services.status.scrape import (
+    Round,
+    consul_router_metrics,
+    default_router_metrics,
+    metrics_url,
+    take_round,
+    up_router_metrics,
+)
 from services.status.view import render
 
 
@@ -33,6 +40,8 @@ class StatusOptions:
     timeout_s: float = 1.0  # per page, and at least 1 s for the discovery call
     once: bool = False
     json: bool = False  # implies once
+    security: object = None  # services.common.tls.ChannelSecurity of the registry call; None: plaintext
+    consul: object = None  # services.status.consul_source.ConsulSource: list from Consul, not the registry
 
     def __post_init__(self) -> None:
         if not self.interval_s > 0:
@@ -44,6 +53,8 @@ class StatusOptions:
         """Read anew each round: `up` may start after the view, and rewrites its targets."""
         if self.router_metrics:
             return [metrics_url(u) for u in self.router_metrics]
+        if self.consul is not None:
+            return consul_router_metrics(self.consul, self.timeout_s)
         from_up = up_router_metrics(self.home) if self.home is not None else []
         return from_up or [default_router_metrics(self.registry)]
 
@@ -85,7 +96,8 @@ class _Timed:
 
 def _take(options: StatusOptions) -> _Timed:
     started_s = time.monotonic()
-    return _Timed(take_round(options.registry, options.router_urls(), options.timeout_s), started_s)
+    return _Timed(take_round(options.registry, options.router_urls(), options.timeout_s, options.security,
+                             options.consul), started_s)
 
 
 def _sleep_until(monotonic_s: float) -> None:

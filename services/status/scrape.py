@@ -1,8 +1,9 @@
 """Where the processes are (discovery) and what their /metrics pages say, fetched concurrently.
 
-Workers are found in the registry's discovery catalog: each publishes its gRPC address and, in
-its metadata, `metrics_port`. Routers are not in discovery: their metrics URLs are given
-(`--router-metrics`), else read from the Prometheus file_sd targets `tensoryard up` keeps in
+Workers are found in the registry's discovery catalog, or in Consul's (`--discovery consul://`):
+each publishes its gRPC address and, in its metadata, `metrics_port`. Routers' metrics URLs are
+given (`--router-metrics`), else on Consul the passing routers' (their `metrics_port` meta), else
+read from the Prometheus file_sd targets `tensoryard up` keeps in
 `<home>/prometheus/targets/router.json` (every router of `up --routers N`), else `up`'s default
 router metrics port on the registry's host.
 
@@ -131,10 +132,11 @@ def up_router_metrics(home: Path) -> list[str]:
         return []
 
 
-def list_workers(registry: str, timeout_s: float) -> tuple[list[WorkerInstance], str | None]:
-    """The workers discovery lists, or ([], why) when the registry does not answer."""
+def list_workers(registry: str, timeout_s: float, security=None) -> tuple[list[WorkerInstance], str | None]:
+    """The workers discovery lists, or ([], why) when the registry does not answer. `security`: a
+    services.common.tls.ChannelSecurity for a TLS registry (None: plaintext)."""
     try:
-        with grpc.insecure_channel(registry) as channel:
+        with (security.channel(registry) if security is not None else grpc.insecure_channel(registry)) as channel:
             reply = discovery_pb2_grpc.DiscoveryStub(channel).List(
                 discovery_pb2.ListRequest(service="worker"), timeout=timeout_s
             )
@@ -143,8 +145,35 @@ def list_workers(registry: str, timeout_s: float) -> tuple[list[WorkerInstance],
     return [_worker(instance, registry) for instance in reply.instances], None
 
 
-def take_round(registry: str, router_urls: list[str], timeout_s: float) -> Round:
-    workers, discovery_error = list_workers(registry, max(timeout_s, 1.0))
+def list_consul_workers(consul, timeout_s: float) -> tuple[list[WorkerInstance], str | None]:
+    """The passing workers in Consul (status/consul_source.py), or ([], why)."""
+    try:
+        instances = consul.passing("worker", timeout_s)
+    except OSError as error:
+        return [], f"consul {consul.base_url}: {error}"
+    return [_worker(instance, consul.host) for instance in instances], None
+
+
+def consul_router_metrics(consul, timeout_s: float) -> list[str]:
+    """The /metrics URLs of the passing routers in Consul ([] when Consul does not answer)."""
+    try:
+        instances = consul.passing("router", timeout_s)
+    except OSError:
+        return []
+    urls = []
+    for instance in instances:
+        port = instance.metadata.get("metrics_port", "")
+        if port and port not in ("-1", "0"):
+            urls.append(metrics_url(f"{_host(instance.address)}:{port}"))
+    return urls
+
+
+def take_round(registry: str, router_urls: list[str], timeout_s: float, security=None, consul=None) -> Round:
+    """`consul`: a status/consul_source.ConsulSource to list the workers from instead of the registry."""
+    if consul is not None:
+        workers, discovery_error = list_consul_workers(consul, max(timeout_s, 1.0))
+    else:
+        workers, discovery_error = list_workers(registry, max(timeout_s, 1.0), security)
     urls = [w.metrics_url for w in workers if w.metrics_url] + list(router_urls)
     return Round(workers, discovery_error, list(router_urls), fetch_all(urls, timeout_s), time.time())
 

@@ -86,6 +86,8 @@ class GenerationModel:
     reports_load = True  # the engine's reports wake the load stream
     weight_bytes = 0  # set by loading.py: the loaded weights
     kv_cache_bytes = 0  # set by loading.py: the KV cache pool
+    weight_dtype = ""  # set by loading.py: "float32", "bfloat16", "int8", "int4" (models/weight_dtypes.py)
+    kv_cache_dtype = ""  # set by loading.py
 
     def __init__(
         self,

@@ -15,7 +15,8 @@ from services.worker.admission import AdmissionConfig
 from services.worker.batcher import BatcherConfig
 from services.common.chat_template import ChatTemplate
 from services.worker.embedding_model import EmbeddingModel
-from services.worker.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from services.worker.engine_settings import engine_config_for, weight_bytes
+from services.worker.engine.config import EngineConfig
 from services.worker.engine.engine import LLMEngine
 from services.worker.engine.loop import EngineLoop
 from services.worker.engine.sampler import SamplingParams
@@ -49,32 +50,6 @@ def batcher_config_for(version_config: dict, config: WorkerConfig) -> BatcherCon
     )
 
 
-def engine_config_for(fetched: FetchedVersion, config: WorkerConfig) -> EngineConfig:
-    version_config = fetched.config
-
-    def pick(flag_value, key: str, default):
-        return flag_value or version_config.get(key) or default
-
-    cache = CacheConfig(kv_cache_memory_bytes=int(pick(config.kv_cache_bytes, "kv_cache_bytes", 512 * 2**20)))
-    scheduler_defaults = SchedulerConfig()
-    scheduler = SchedulerConfig(
-        max_num_seqs=int(pick(config.max_num_seqs, "max_num_seqs", scheduler_defaults.max_num_seqs)),
-        max_num_batched_tokens=int(
-            pick(config.max_num_batched_tokens, "max_num_batched_tokens", scheduler_defaults.max_num_batched_tokens)
-        ),
-        max_num_waiting=int(pick(config.max_queue_size, "max_queue_size", scheduler_defaults.max_num_waiting)),
-    )
-    max_model_len = pick(config.max_model_len, "max_model_len", None)
-    return EngineConfig(
-        model_dir=str(fetched.folder),
-        dtype=pick(config.dtype, "dtype", "auto"),
-        device=config.device,
-        max_model_len=int(max_model_len) if max_model_len else None,
-        cache=cache,
-        scheduler=scheduler,
-    )
-
-
 def admission_config_for(fetched: FetchedVersion, config: WorkerConfig, engine: EngineConfig) -> AdmissionConfig:
     version_config = fetched.config
     defaults = AdmissionConfig()
@@ -90,6 +65,11 @@ def admission_config_for(fetched: FetchedVersion, config: WorkerConfig, engine: 
 def load_model(fetched: FetchedVersion, config: WorkerConfig, publisher: LoadPublisher | None = None):
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
+    if fetched.config.get("backend") == "onnxruntime":
+        # Imported here: onnx_loading builds on this module (batcher_config_for).
+        from services.worker.onnx_loading import load_onnx_model
+
+        return load_onnx_model(fetched, config)
     if fetched.task == "embedding":
         encoder = SentenceEncoder.from_folder(fetched.folder, device=config.device)
         model = EmbeddingModel(
@@ -100,7 +80,8 @@ def load_model(fetched: FetchedVersion, config: WorkerConfig, publisher: LoadPub
     if fetched.task == "generation":
         return _load_generation_model(fetched, config, publisher)
     raise FailedPrecondition(
-        f"model '{fetched.model_name}' has task {fetched.task!r}; workers serve embedding and generation models"
+        f"model '{fetched.model_name}' has task {fetched.task!r}; workers serve embedding and generation models, "
+        "and ONNX versions (config backend 'onnxruntime', as `models import model.onnx` writes)"
     )
 
 
@@ -130,25 +111,14 @@ def _load_generation_model(fetched: FetchedVersion, config: WorkerConfig, publis
     )
     # Read here, before any request: the engine thread owns the engine from now on, and these never change.
     model.weight_bytes = weight_bytes(engines[0].runner.model)
+    model.weight_dtype = engines[0].dtypes.weight_dtype
+    model.kv_cache_dtype = engines[0].dtypes.kv_cache_dtype_name
     model.kv_cache_bytes = sum(t.numel() * t.element_size() for pair in engines[0].runner.kv_caches for t in pair)
     return model
 
 
-def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a model's weights: its parameters and the tensors its layers hold as plain attributes
-    (the CPU path's reordered linear weights), each tensor once (a tied head is one tensor)."""
-    seen: set[int] = set()
-    total = 0
-    for layer in module.modules():
-        for value in (*layer._parameters.values(), *vars(layer).values()):
-            if isinstance(value, torch.Tensor) and id(value) not in seen:
-                seen.add(id(value))
-                total += value.numel() * value.element_size()
-    return total
-
-
 def warm_up(model, num_batches: int) -> None:
-    if isinstance(model, EmbeddingModel):
+    if not isinstance(model, GenerationModel):  # batcher models (embeddings, ONNX) warm themselves
         model.warm_up(num_batches)
         return
     # A short and a longer prompt through the whole engine path (allocations, first-call costs),

@@ -121,6 +121,9 @@ class WorkerCollector:
             if loop is not None:
                 yield _gauge("tensoryard_kv_cache_bytes", "Bytes reserved for the KV cache.", values,
                              model.kv_cache_bytes)
+                dtype = getattr(model, "weight_dtype", "")
+                yield _gauge("tensoryard_worker_weight_bytes", "Resident bytes of the LLM's weights, labelled with "
+                             "the deployment's weight dtype.", (*values, dtype), model.weight_bytes, (*LABELS, "dtype"))
                 yield from self._engine(loop, values)
         if self._devices is not None:
             yield from self._devices.collect(state.worker_id)

@@ -47,7 +47,7 @@ def model_config(model) -> pb.ModelConfigResponse:
     config = mc.ModelConfig(
         name=model.name,
         platform=model.platform,
-        backend="tensoryard",
+        backend=getattr(model, "backend", "tensoryard"),  # "onnxruntime" for ONNX versions
         max_batch_size=model.max_batch_size,
         version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
         input=[
@@ -70,9 +70,18 @@ def model_config(model) -> pb.ModelConfigResponse:
                 default_queue_policy=mc.ModelQueuePolicy(max_queue_size=batcher.max_queue_size),
             )
         )
+    # Each kind of model says what else matters about it: the session's settings for an ONNX
+    # graph, the longest input for an encoder, the context length for an LLM.
+    if hasattr(model, "config_parameters"):
+        for key, value in model.config_parameters().items():
+            config.parameters[key].string_value = value
+    elif batcher is not None:
         config.parameters["max_seq_length"].string_value = str(model.encoder.max_seq_length)
     else:
         config.parameters["max_model_len"].string_value = str(model.max_model_len)
+        for name in ("weight_dtype", "kv_cache_dtype"):
+            if getattr(model, name, ""):
+                config.parameters[name].string_value = getattr(model, name)
     return pb.ModelConfigResponse(config=config)
 
 

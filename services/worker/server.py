@@ -68,7 +68,8 @@ class Worker:
         self.host = GrpcHost(
             config.max_message_bytes, role="worker", instance_id=self.state.worker_id,
             admin_token=read_admin_token(config.admin.admin_token, config.admin.admin_token_file),
-            admin_tls=config.admin.admin_tls(),
+            admin_tls=config.admin.admin_tls(config.tls),
+            serving_tls=config.tls.serving(config.admin.admin_subject_set),
         )
         self.registration: Registration | None = None
         self.stopped = asyncio.Event()
@@ -87,13 +88,15 @@ class Worker:
         port = await self.host.start(self.config.host, self.config.port)
         address = f"{self.config.host}:{port}"
         log.info("worker_listening", address=address, metrics_port=metrics_port, model=self.config.model_name,
-                 admin_tls_port=self.host.admin_tls_port)
+                 admin_tls_port=self.host.admin_tls_port, tls_mode=self.config.tls.tls_mode)
         install_signal_handlers(self.stopped)
-        registry = aio_channel(self.config.registry_address)
+        security = self.config.tls.channel_security()
+        registry = aio_channel(self.config.registry_address, security=security)
         discovery_config = self.config.discovery
         discovery = discovery_from_url(
             discovery_config.discovery_url or self.config.registry_address,
             read_consul_token(discovery_config.consul_token, discovery_config.consul_token_file),
+            security,
         )
         loading = asyncio.create_task(self._load(registry))
         await asyncio.wait([loading, asyncio.create_task(self.stopped.wait())], return_when=asyncio.FIRST_COMPLETED)

@@ -49,3 +49,10 @@ def test_only_the_registry_writes_the_scaling_signals_and_holds_sessions():
     assert rules("tensoryard-registry")[("session_prefix", "")] == "write"
     assert rules("tensoryard-worker")[("key_prefix", "tensoryard/deployments/")] == "read"
     assert ("session_prefix", "") not in rules("tensoryard-router")
+
+
+def test_routers_write_held_requests_but_cannot_touch_the_leader_lock():
+    router = rules("tensoryard-router")
+    assert router[("key_prefix", "tensoryard/deployments/")] == "write"  # .../held/<router id>
+    assert router[("key_prefix", "tensoryard/")] == "read"  # tensoryard/autoscaler/leader
+    assert ("session_prefix", "") not in router

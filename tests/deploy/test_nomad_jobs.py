@@ -11,7 +11,7 @@ import pytest
 from hcl2 import SerializationOptions
 
 from services.autoscale.nomad import NomadActuator
-from services.common.config import NomadConfig, RegistryConfig, RouterConfig, WorkerConfig
+from services.common.config import NomadConfig, RegistryConfig, RouterConfig, WorkerConfig, build_config
 from tests.conftest import REPO_ROOT
 
 NOMAD_DIR = REPO_ROOT / "deploy" / "nomad"
@@ -122,3 +122,44 @@ def test_each_worker_group_is_the_one_the_actuator_scales_and_has_a_scaling_bloc
         assert 0 <= scaling["min"] <= group["count"] <= scaling["max"]
         meta = group["service"][0]["meta"][0]
         assert (meta["model_name"], meta["model_version"]) == (model, str(version))
+
+
+NOMAD_PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
+
+
+def with_stand_ins(args: list[str], secrets_dir) -> list[str]:
+    """The task's args as the client would run them: the secrets directory a real folder, Nomad's
+    IP and ports numbers, job variables their defaults."""
+    values = {"NOMAD_SECRETS_DIR": str(secrets_dir), "NOMAD_IP_grpc": "127.0.0.1", "NOMAD_PORT_grpc": "7070",
+              "NOMAD_PORT_metrics": "7071", "var.tls_server_name": "tensoryard.internal",
+              "var.data_dir": str(secrets_dir / "data"), "var.cache_dir": str(secrets_dir / "cache")}
+    return [NOMAD_PLACEHOLDER.sub(lambda m: values[m[1]], arg) for arg in args]
+
+
+@pytest.mark.parametrize("file_name, config, mode", [("registry.nomad.hcl", RegistryConfig, "mtls"),
+                                                     ("router.nomad.hcl", RouterConfig, "tls"),
+                                                     ("workers.nomad.hcl", WorkerConfig, "mtls")])
+def test_every_task_passes_tls_flags_the_cli_accepts_and_a_valid_config(file_name, config, mode, tmp_path):
+    """The args go through tensoryard's own parser and config checks, with stand-in files where the
+    templates put the certificate, key, CA and admin token."""
+    from services.cli import _flags, _parser
+
+    (tmp_path / "tls").mkdir()
+    for name in ("tls/cert.pem", "tls/key.pem", "tls/ca.pem", "admin-token"):
+        (tmp_path / name).write_text("stand-in\n")
+    for where, _, _, task in every_task(file_name):
+        args = task["config"][0]["args"]
+        templated = {t["destination"] for t in task["template"]}
+        assert {"secrets/tls/cert.pem", "secrets/tls/key.pem", "secrets/tls/ca.pem"} <= templated, where
+        parsed = _parser().parse_args(with_stand_ins(args, tmp_path))
+        built = build_config(config, _flags(parsed))
+        assert built.tls.tls_mode == mode, where
+        assert built.tls.tls_server_name == "tensoryard.internal", where
+        assert built.tls.channel_security().mutual, where  # it presents its certificate to the others
+
+
+@pytest.mark.parametrize("file_name", ["registry.nomad.hcl", "router.nomad.hcl", "workers.nomad.hcl"])
+def test_the_grpc_checks_speak_tls_to_the_tls_ports(file_name):
+    for group_name, group in groups(job(file_name)[1]).items():
+        (check,) = group["service"][0]["check"]
+        assert check["grpc_use_tls"] is True, group_name

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import ENV_PREFIX, RegistryConfig, RouterConfig, WorkerConfig
+from services.common.config import ENV_PREFIX, RegistryConfig, RouterConfig, WorkerConfig, build_config
 from tests.conftest import REPO_ROOT
 
 SYSTEMD_DIR = REPO_ROOT / "deploy" / "systemd"
@@ -119,3 +119,36 @@ def test_the_variables_a_unit_sets_are_fields_of_its_config(name, config):
     set_here = [line.removeprefix("Environment=").split("=", 1)[0] for line in text.splitlines()
                 if line.startswith("Environment=TENSORYARD_")]
     assert set(set_here) <= config_variables(config)
+
+
+def unit_environment(name: str) -> dict[str, str]:
+    text = (SYSTEMD_DIR / name).read_text()
+    return dict(line.removeprefix("Environment=").split("=", 1) for line in text.splitlines()
+                if line.startswith("Environment=TENSORYARD_"))
+
+
+@pytest.mark.parametrize("name, config, mode", [("tensoryard-registry.service", RegistryConfig, "mtls"),
+                                                ("tensoryard-worker@.service", WorkerConfig, "mtls"),
+                                                ("tensoryard-router.service", RouterConfig, "tls")])
+def test_the_tls_settings_a_unit_sets_build_a_valid_config(name, config, mode, tmp_path):
+    """With the files in place (stand-ins), the unit's TLS variables pass the config's checks: the
+    mode, and every file it needs, from /etc/tensoryard/tls/ or, for the key, the credentials directory."""
+    env = {key: value for key, value in unit_environment(name).items() if key.startswith("TENSORYARD_TLS_")}
+    assert env["TENSORYARD_TLS_MODE"] == mode
+    assert env["TENSORYARD_TLS_KEY_FILE"] == "%d/tls-key"
+    credentials = [line for line in (SYSTEMD_DIR / name).read_text().splitlines() if line.startswith("LoadCredential=tls-key:")]
+    assert len(credentials) == 1 and credentials[0].startswith("LoadCredential=tls-key:/etc/tensoryard/tls/")
+    for key, value in env.items():
+        if key.endswith("_FILE") and key != "TENSORYARD_TLS_KEY_FILE":
+            assert value.startswith("/etc/tensoryard/tls/"), key
+    local = {}
+    for key, value in env.items():
+        if key.endswith("_FILE"):
+            path = tmp_path / value.replace("%d/", "credentials/").lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("PEM\n")
+            value = str(path)
+        local[key] = value
+    built = build_config(config, {"model_name": "m"} if config is WorkerConfig else {}, local)
+    assert built.tls.tls_mode == mode
+    assert built.tls.channel_security().mutual  # its calls to the others present its certificate

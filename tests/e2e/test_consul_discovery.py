@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from protos.tensoryard.v1 import discovery_pb2, embeddings_pb2, embeddings_pb2_g
 from services.common.consul_http import ConsulError
 from services.common.discovery_consul import ConsulDiscovery
 from services.registry.client import register_folder
-from tests.conftest import MODEL, cli, free_port, health_status, start_registry, stop, wait_until
+from tests.conftest import MODEL, cli, free_port, health_status, start_registry, stop_all, wait_until
 from tests.e2e.test_worker_lifecycle import minilm_folder
 
 SERVICE_NAME = "tensoryard-worker"
@@ -253,13 +252,7 @@ def consul_fleet(consul_standin, tmp_path):
         wait_until(lambda: health_status(router) == 1, 30, "the router to serve")
         yield consul_standin, router, workers, tmp_path / "router.log"
     finally:
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGCONT)
-            try:
-                stop(process, timeout_s=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)
 
 
 def removed_from_router(router_log, instance_id: str) -> bool:
@@ -279,7 +272,9 @@ def test_a_fleet_on_consul_routes_around_a_frozen_worker_and_rides_out_an_outage
     standin, router, workers, router_log = consul_fleet
     frozen = min(workers)
     frozen_id = worker_ids_by_address(standin.url)[frozen]
-    assert consul_get(standin.url, "/v1/health/service/tensoryard-router?passing")  # the router registered too
+    # The router registered too; its check passes once it is ready (it polls its readiness every 0.25 s).
+    wait_until(lambda: consul_get(standin.url, "/v1/health/service/tensoryard-router?passing"), 5,
+               "the router's check to pass")
 
     # Both serve.
     before = {address: requests_ok(address) for address in workers}

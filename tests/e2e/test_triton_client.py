@@ -11,6 +11,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.e2e.conftest import MODEL
+from tests.e2e.traffic import LLM
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -80,6 +81,13 @@ def test_model_metadata_describes_inputs_and_outputs(client):
     assert inputs["input_ids"] == ("INT64", [-1, -1])
     outputs = {t.name: (t.datatype, list(t.shape)) for t in metadata.outputs}
     assert outputs == {"embedding": ("FP32", [-1, 384])}
+
+
+def test_the_llm_model_config_reports_its_weight_and_cache_dtypes(client):
+    # The demo GGUF is imported to float32, and up serves it as imported.
+    parameters = client.get_model_config(LLM).config.parameters
+    assert parameters["weight_dtype"].string_value == "float32"
+    assert parameters["kv_cache_dtype"].string_value == "float32"
 
 
 def test_model_config_carries_dynamic_batching(client):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import paged_decode_cpu
+from kernels.ops import get_ops
 from services.worker.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from services.worker.engine.engine import LLMEngine
 from services.worker.engine.sampler import SamplingParams
@@ -60,11 +62,21 @@ def run_staggered(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[
     return tokens
 
 
-def small_engine(directory, prefix_caching: bool) -> LLMEngine:
+@pytest.fixture(params=["torch", "auto"], ids=["torch-decode", "cpu-decode-kernel"])
+def backend(request) -> str:
+    """The torch reference path, and "auto", which on the CPU serves decode rows with the compiled kernel."""
+    if request.param == "auto" and paged_decode_cpu.load(build=True) is None:
+        pytest.skip(f"the CPU decode kernel cannot be built here: {paged_decode_cpu.unavailable_reason()}")
+    if request.param == "auto" and not torch.cuda.is_available():
+        assert get_ops("auto").name == "cpu"
+    return request.param
+
+
+def small_engine(directory, prefix_caching: bool, backend: str = "torch") -> LLMEngine:
     return LLMEngine(
         EngineConfig(
             model_dir=str(directory),
-            backend="torch",
+            backend=backend,
             max_model_len=96,
             cache=CacheConfig(block_size=4, num_blocks=32, enable_prefix_caching=prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16),
@@ -72,11 +84,11 @@ def small_engine(directory, prefix_caching: bool) -> LLMEngine:
     )
 
 
-def test_greedy_matches_transformers_with_chunked_prefill_and_preemption(checkpoint):
+def test_greedy_matches_transformers_with_chunked_prefill_and_preemption(checkpoint, backend):
     directory, model = checkpoint
     prompts = make_prompts(seed=11)
     max_tokens = [8 + (i * 5) % 17 for i in range(NUM_PROMPTS)]
-    engine = small_engine(directory, prefix_caching=False)
+    engine = small_engine(directory, prefix_caching=False, backend=backend)
     got = run_staggered(engine, prompts, max_tokens)
     stats = engine.stats()
     assert stats.num_chunked_prefills > 0
@@ -86,12 +98,12 @@ def test_greedy_matches_transformers_with_chunked_prefill_and_preemption(checkpo
         assert got[f"r{i}"] == reference_tokens(model, prompt, max_tokens[i]), f"request r{i}"
 
 
-def test_greedy_matches_transformers_with_prefix_cache_hits(checkpoint):
+def test_greedy_matches_transformers_with_prefix_cache_hits(checkpoint, backend):
     directory, model = checkpoint
     shared = torch.randint(3, 256, (13,), generator=torch.Generator().manual_seed(3)).tolist()
     prompts = make_prompts(seed=12, shared_prefix=shared)
     max_tokens = [6 + (i * 3) % 11 for i in range(NUM_PROMPTS)]
-    engine = small_engine(directory, prefix_caching=True)
+    engine = small_engine(directory, prefix_caching=True, backend=backend)
     got = run_staggered(engine, prompts, max_tokens)
     stats = engine.stats()
     assert stats.num_prefix_hit_tokens >= 12 * 8  # most requests reuse the 3 shared full blocks

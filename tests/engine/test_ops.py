@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import paged_decode_cpu
 from kernels.ops import get_ops
 
 
@@ -10,10 +11,10 @@ def test_torch_backend_is_the_reference():
     assert get_ops("torch").name == "torch"
 
 
-def test_auto_falls_back_to_torch_without_cuda():
+def test_auto_without_cuda_takes_the_cpu_kernel_where_it_loads_else_torch():
     if torch.cuda.is_available():
         pytest.skip("CUDA present: auto may pick triton")
-    assert get_ops("auto").name == "torch"
+    assert get_ops("auto").name == ("cpu" if paged_decode_cpu.load() is not None else "torch")
 
 
 def test_triton_without_cuda_is_refused():

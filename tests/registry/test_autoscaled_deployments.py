@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument
 from tests.registry.test_store_backends import publish
 
 
@@ -47,3 +47,15 @@ def test_bad_bounds_are_refused_naming_them(deployed):
     deployed.set_deployment("m", 1, 1, min_replicas=1, max_replicas=3, autoscale=True)
     with pytest.raises(InvalidArgument, match="outside"):
         deployed.scale_deployment("m", 1, 4, "load")
+
+
+def test_a_deposed_leaders_write_with_an_older_fencing_token_is_refused_and_changes_nothing(deployed):
+    deployed.set_deployment("m", 1, 1, min_replicas=0, max_replicas=3, autoscale=True)
+    assert deployed.scale_deployment("m", 1, 2, "load", fence=7).replicas == 2  # the new leader
+    with pytest.raises(FailedPrecondition, match="fencing token 6 is below"):
+        deployed.scale_deployment("m", 1, 0, "idle", fence=6)  # the old one, waking from a pause
+    (record,) = deployed.list_deployments("m")
+    assert record.replicas == 2
+    assert [e.details.get("replicas") for e in deployed.list_audit() if e.action == "deployment.scale"] == [2]
+    assert deployed.scale_deployment("m", 1, 3, "load", fence=7).replicas == 3  # the same leader again
+    assert deployed.scale_deployment("m", 1, 1, "load", fence=9).replicas == 1  # a later one

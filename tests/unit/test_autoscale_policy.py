@@ -167,13 +167,21 @@ def test_waiting_requests_per_replica_scale_up_at_five():
     assert policy.decide(10.0, 2, DeploymentSignals(num_ready=2, num_waiting=10, num_requests_done=1)).replicas == 4
 
 
-def test_ttft_over_the_slo_scales_up_and_blocks_scale_down():
+def test_ttft_over_the_slo_with_a_load_signal_saturated_grows_in_proportion_and_blocks_scale_down():
     policy = ScalingPolicy(config(ttft_slo_s=1.0, scale_down_window_s=0.0), Bounds(1, 10))
-    slow = DeploymentSignals(num_ready=3, num_in_flight=3, queue_wait_s=1.5, num_requests_done=1)
+    slow = DeploymentSignals(num_ready=3, num_in_flight=24, queue_wait_s=2.0, num_requests_done=1)  # 8 each: hot
     decision = policy.decide(0.0, 3, slow)
-    assert decision.replicas == 5 and "ttft" in decision.reason  # ceil(3 * 1.5)
+    assert decision.replicas == 6 and "ttft" in decision.reason  # ceil(3 * 2.0)
     half = DeploymentSignals(num_ready=3, num_in_flight=1, ttft_p99_s=0.7, num_requests_done=1)
     assert policy.decide(10.0, 3, half).replicas == 3  # under every other threshold, TTFT not low enough
+
+
+def test_a_ttft_breach_with_every_load_signal_cool_is_a_burst_and_adds_one_step():
+    policy = ScalingPolicy(config(ttft_slo_s=1.0), Bounds(1, 100))
+    burst = DeploymentSignals(num_ready=40, num_in_flight=80, queue_wait_s=2.0, num_requests_done=1)  # 2 of 8 each
+    decision = policy.decide(0.0, 40, burst)
+    assert decision.replicas == 50 and "ttft" in decision.reason  # 40 * 1.25, not 40 * 2
+    assert policy.decide(10.0, 50, dataclasses.replace(burst, num_ready=50)).replicas == 63  # it lasts: again
 
 
 def test_scale_to_zero_only_after_the_idle_window_and_only_with_min_zero():
@@ -206,7 +214,24 @@ def test_bad_bounds_and_thresholds_are_refused_with_the_field_named():
 
 def test_a_slow_ttft_during_a_cold_start_does_not_compound():
     policy = ScalingPolicy(config(ttft_slo_s=1.0), Bounds(1, 100))
-    slow = DeploymentSignals(num_ready=4, num_in_flight=8, queue_wait_s=2.5, num_requests_done=1)
+    slow = DeploymentSignals(num_ready=4, num_in_flight=32, queue_wait_s=2.5, num_requests_done=1)
     assert policy.decide(0.0, 4, slow).replicas == 8  # doubles the 4 ready
     # 10 s later the 4 new replicas are still loading and TTFT is still over: nothing more is asked.
     assert policy.decide(10.0, 8, slow).replicas == 8
+
+
+def test_no_further_scale_up_while_the_last_ones_start_until_the_hold_runs_out():
+    policy = ScalingPolicy(config(scale_up_hold_s=120.0), Bounds(1, 100))
+    grown = policy.decide(0.0, 4, load(4, 10.0)).replicas
+    assert grown > 4
+    # The load doubles while the new replicas load their model: the 4 ready ones are saturated.
+    starting = DeploymentSignals(num_ready=4, num_in_flight=20.0 * grown, num_requests_done=1)
+    held = policy.decide(10.0, grown, starting)
+    assert held.replicas == grown and "start" in held.reason
+    assert policy.decide(130.0, grown, starting).replicas > grown  # past the hold: they failed to start
+
+
+def test_scaling_from_zero_does_not_wait_out_the_up_window():
+    policy = ScalingPolicy(config(scale_up_window_s=60.0), Bounds(0, 4))
+    assert policy.decide(0.0, 0, DeploymentSignals(num_ready=0)).replicas == 0
+    assert policy.decide(1.0, 0, DeploymentSignals(num_ready=0, num_requests_held=1)).replicas == 1

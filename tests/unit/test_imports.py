@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 
 from services.model_import import detect_kind, guess_task, prepared_import
@@ -74,13 +75,29 @@ def test_hf_cache_snapshot_with_a_missing_blob_is_refused(tmp_path):
         pass
 
 
+def scorer_with_external_data(path):
+    """x [B, 4] @ w [4, 2] -> y [B, 2], with w in `<file>.data` (as torch.onnx writes big models)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.arange(8, dtype=np.float32).reshape(4, 2), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "scorer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])], [weight])
+    onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True,
+                    location=f"{path.name}.data", size_threshold=0)
+    return path
+
+
 def test_onnx_file_becomes_a_tensor_model_with_its_external_data(tmp_path):
-    onnx = tmp_path / "scorer.onnx"
-    onnx.write_bytes(b"\x08\x07")
-    (tmp_path / "scorer.onnx.data").write_bytes(b"\x00" * 32)
+    onnx = scorer_with_external_data(tmp_path / "scorer.onnx")
     with prepared_import(str(onnx), tmp_path / "work") as prepared:
         assert (prepared.source.kind, prepared.task, prepared.name) == ("onnx", "tensor", "scorer")
-        assert prepared.source.details["sha256"] == hashlib.sha256(b"\x08\x07").hexdigest()
+        assert prepared.source.details["sha256"] == hashlib.sha256(onnx.read_bytes()).hexdigest()
+        assert prepared.config["inputs"] == [{"name": "x", "datatype": "FP32", "dims": [4]}]
+        assert prepared.config["max_batch_size"] == 64
+        assert prepared.metadata.parameter_count == 8
         # Pushed from where they are (no staging copy or links to leave behind).
         assert {(f.path, f.absolute) for f in prepared.files} == {
             ("scorer.onnx", onnx), ("scorer.onnx.data", tmp_path / "scorer.onnx.data")}

@@ -48,7 +48,8 @@ def test_scales_the_templated_group_with_the_documented_payload(nomad):
     assert sent.path == f"/v1/job/{JOB}/scale"
     assert sent.query == {"namespace": "default"}
     assert sent.body == {"Count": 4, "Target": {"Group": "llm-v3"}, "Message": "queue deep",
-                         "Meta": {"model": "llm", "version": "3", "previous_count": "2", "source": "tensoryard"}}
+                         "Meta": {"model": "llm", "version": "3", "previous_count": "2", "source": "tensoryard",
+                                  "fencing_token": "1"}}
     assert nomad.count(JOB, "llm-v3") == 4
 
 

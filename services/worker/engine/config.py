@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
-_BACKENDS = ("auto", "torch", "triton")
+_WEIGHT_DTYPES = (*_DTYPES, "int8", "int4")
+_BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +50,15 @@ class SchedulerConfig:
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model_dir: str
-    dtype: str = "auto"  # "auto": the checkpoint's own torch_dtype
+    dtype: str = "auto"  # compute dtype; "auto": the checkpoint's own torch_dtype (see weight_dtype)
+    # Weights: "auto" (follow dtype), a float dtype, or weight-only "int8" / "int4"; KV cache: "auto"
+    # (the compute dtype) or a float dtype. What each means: services/worker/models/weight_dtypes.py.
+    weight_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
     device: str = "cpu"
-    backend: str = "auto"  # kernels: "torch" reference, "triton", or "auto"
+    # kernels (kernels/ops.py get_ops): "torch" (the reference), "cpu" (the compiled CPU decode
+    # kernel), "triton", or "auto" (triton on CUDA, else cpu when the kernel is built, else torch)
+    backend: str = "auto"
     max_model_len: int | None = None  # prompt + output tokens; None: the model's limit, capped by the pool
     seed: int = 0  # for requests that sample without a seed of their own
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -60,6 +67,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.weight_dtype not in _WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {_WEIGHT_DTYPES}, got {self.weight_dtype!r}")
+        if self.kv_cache_dtype not in _DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
         if self.max_model_len is not None and self.max_model_len < 2:

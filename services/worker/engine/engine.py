@@ -19,10 +19,9 @@ from services.worker.engine.sampler import Sampler, SamplerOutput, SamplingParam
 from services.worker.engine.scheduler import Scheduler, SchedulerOutput
 from services.worker.engine.sequence import FinishReason, Sequence
 from services.worker.engine.step_cost import StepCost, StepCostModel
+from services.worker.models import weight_dtypes
 from services.worker.models.hf_config import ModelConfig
 from services.worker.models.llama import load_model
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(slots=True)
@@ -139,20 +138,22 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None):
         self.config = config
         self.model_config = model_config = ModelConfig.from_dir(config.model_dir)
-        dtype = model_config.dtype if config.dtype == "auto" else _DTYPES[config.dtype]
+        self.dtypes = dtypes = weight_dtypes.resolve(
+            config.dtype, config.weight_dtype, config.kv_cache_dtype, model_config.dtype
+        )
         cache = config.cache
         num_blocks = cache.num_blocks or num_blocks_for_budget(
             cache.kv_cache_memory_bytes, cache.block_size, model_config.num_layers,
-            model_config.num_kv_heads, model_config.head_dim, dtype,
+            model_config.num_kv_heads, model_config.head_dim, dtypes.kv_cache_dtype,
         )
         self.max_model_len = _max_model_len(config, model_config, num_blocks * cache.block_size)
         model = load_model(
-            config.model_dir, dtype=dtype, device=config.device, ops=get_ops(config.backend),
-            max_positions=self.max_model_len,
+            config.model_dir, dtype=dtypes.compute_dtype, device=config.device, ops=get_ops(config.backend),
+            max_positions=self.max_model_len, weight_dtype=dtypes.weight_dtype,
         )
         kv_caches = allocate_kv_tensors(
             model_config.num_layers, num_blocks, cache.block_size, model_config.num_kv_heads,
-            model_config.head_dim, dtype, config.device,
+            model_config.head_dim, dtypes.kv_cache_dtype, config.device,
         )
         self.kv_cache = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.max_model_len, model_config.eos_token_ids)

@@ -273,9 +273,13 @@ def _read_state_dict(folder: Path, expected: dict[str, torch.Tensor]) -> dict[st
 
 
 def load_bert(
-    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    pack_linears: bool = True,
 ) -> BertModel:
-    """Builds a BertModel from `config.json` and safetensors weights in `folder`."""
+    """Builds a BertModel from `config.json` and safetensors weights in `folder`.
+
+    `pack_linears=False` keeps plain nn.Linear layers on the CPU: an ONNX export traces them, and
+    the oneDNN-reordered weights have no ONNX form."""
     folder = Path(folder)
     config = BertConfig.from_json(folder / "config.json")
     # Built on the meta device: no memory or time spent on an init we overwrite.
@@ -284,7 +288,7 @@ def load_bert(
     state_dict = _read_state_dict(folder, model.state_dict())
     state_dict = {name: t.to(device=device, dtype=dtype) for name, t in state_dict.items()}
     model.load_state_dict(state_dict, assign=True)
-    if torch.device(device).type == "cpu":
+    if pack_linears and torch.device(device).type == "cpu":
         # oneDNN-reordered weights: ~5% faster linears at the row counts of embedding batches.
         linear_cpu.pack_linear_layers(model)
     return model.eval()

@@ -25,6 +25,7 @@ from kernels.ops import AttentionMetadata, Ops, get_ops
 from kernels.rope import build_cos_sin_cache
 from services.common.errors import InvalidArgument
 from services.worker.models.hf_config import ModelConfig
+from services.worker.models import weight_dtypes
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
 
@@ -75,8 +76,11 @@ class LlamaAttention(nn.Module):
         q, k = self.ops.rope(q, k, positions, cos_sin_cache)
         k_cache, v_cache = kv_cache
         self.ops.write_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
+        # A cache in another dtype than the activations (bf16 KV under float32 weights): attention
+        # runs in the cache's dtype, so its kernels see one dtype; no-ops otherwise.
+        q = q.to(k_cache.dtype)
         out = self.ops.paged_attention(q, k_cache, v_cache, metadata, self.scale, self.sliding_window)
-        return self.o_proj(out.reshape(-1, c.q_size))
+        return self.o_proj(out.reshape(-1, c.q_size).to(x.dtype))
 
 
 class LlamaMLP(nn.Module):
@@ -176,8 +180,11 @@ def load_model(
     device: str | torch.device = "cpu",
     ops: Ops | None = None,
     max_positions: int | None = None,
+    weight_dtype: str | None = None,
 ) -> LlamaForCausalLM:
-    """Builds the model config.json names and fills it from the directory's safetensors files."""
+    """Builds the model config.json names and fills it from the directory's safetensors files.
+    weight_dtype "int8" / "int4" quantizes the loaded weights (models/weight_dtypes.py), activations
+    staying in `dtype`; None or a float name keeps every weight in `dtype`."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     dtype = dtype or config.dtype
@@ -194,7 +201,9 @@ def load_model(
     missing = [name for name, param in params.items() if rows_loaded[name] != param.shape[0]]
     if missing:
         raise InvalidArgument(f"checkpoint in {model_dir} lacks (part of) {missing[:5]}")
-    if torch.device(device).type == "cpu":
+    if weight_dtype in weight_dtypes.QUANTIZED:
+        weight_dtypes.quantize_model(model, weight_dtype, dtype)
+    elif torch.device(device).type == "cpu":
         model.pack_for_cpu()
     return model.eval()
 
