@@ -79,7 +79,14 @@ def test_a_tenant_at_ten_times_anothers_rate_cannot_starve_it(small_fleet):
     """The quiet tenant (well within its share) is served while the noisy one overloads the fleet;
     were both one tenant, the quiet requests would be refused like the noisy ones."""
     workers = small_fleet.wait_for_workers(2)
-    quiet_rate = 1.0
+    # Calibrated where two 4-seat workers serve ~8 requests a second (a ~60 ms full-batch step): the
+    # quiet tenant sends 1 a second for 20 s, the noisy one 10. A faster machine serves more, and
+    # 10 a second would no longer overload it: both rates scale with the measured capacity, and the
+    # duration shrinks by as much, so each tenant sends as many requests as at calibration.
+    step = workers[0].stats()
+    capacity_per_s = 8 / ((MAX_TOKENS + 1) * (step.step_base_s + 4 * step.step_per_seq_s))
+    speed = max(1.0, capacity_per_s / 8)
+    quiet_rate, duration_s = speed, 20 / speed
 
     def quiet(n):
         return request(SMALL_LLM, f"Quiet question {n}: name a colour.", MAX_TOKENS)
@@ -89,10 +96,10 @@ def test_a_tenant_at_ten_times_anothers_rate_cannot_starve_it(small_fleet):
 
     async def run(quiet_tenant: str, with_noisy: bool):
         async with Client(small_fleet.router) as client:
-            calm = client.open_loop(quiet, quiet_rate, 20, metadata=((TENANT_HEADER, quiet_tenant),))
+            calm = client.open_loop(quiet, quiet_rate, duration_s, metadata=((TENANT_HEADER, quiet_tenant),))
             if not with_noisy:
                 return [], await calm
-            loud = client.open_loop(noisy, 10 * quiet_rate, 20, metadata=((TENANT_HEADER, "noisy"),), seed=1)
+            loud = client.open_loop(noisy, 10 * quiet_rate, duration_s, metadata=((TENANT_HEADER, "noisy"),), seed=1)
             return await asyncio.gather(loud, calm)
 
     _, solo = asyncio.run(run("quiet", with_noisy=False))
