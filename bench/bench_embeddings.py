@@ -156,8 +156,10 @@ def measure_inprocess(model, texts: list[str], duration_s: float, warmup_s: floa
 # ------------------------------------------------------------------------------------------- serving
 
 async def measure_serving(targets: dict[str, str], texts: dict[str, list[str]], concurrencies: list[int],
-                          duration_s: float, warmup_s: float, reference: dict[str, np.ndarray]) -> tuple[list, dict]:
-    """Closed-loop points for every kind x concurrency x target, and a correctness check per target."""
+                          duration_s: float, warmup_s: float, reference: dict[str, np.ndarray],
+                          model_names: dict[str, str] | None = None) -> tuple[list, dict]:
+    """Closed-loop points for every kind x concurrency x target, and a correctness check per target.
+    `model_names`: the model a target is asked for where it is not MODEL (another version's name)."""
     import tritonclient.grpc as triton
     from tritonclient.grpc.aio import InferenceServerClient
 
@@ -168,16 +170,17 @@ async def measure_serving(targets: dict[str, str], texts: dict[str, list[str]], 
 
     outputs = [triton.InferRequestedOutput("embedding")]
     clients = {target: InferenceServerClient(address) for target, address in targets.items()}
+    models = {target: (model_names or {}).get(target, MODEL) for target in targets}
     points, checks = [], {}
     try:
         for target, client in clients.items():
-            checks[target] = await _check(client, text_input, reference, outputs)
+            checks[target] = await _check(client, text_input, reference, outputs, models[target])
         for kind, kind_texts in texts.items():
             inputs = [text_input(t) for t in kind_texts]  # built once: the client loop stays light
             for concurrency in concurrencies:
                 for target, client in clients.items():
-                    async def send(i: int, client=client) -> None:
-                        await client.infer(MODEL, [inputs[i % len(inputs)]], outputs=outputs)
+                    async def send(i: int, client=client, model=models[target]) -> None:
+                        await client.infer(model, [inputs[i % len(inputs)]], outputs=outputs)
 
                     result = await closed_loop(send, concurrency, duration_s, warmup_s)
                     # Load average: on a shared machine, a spike here explains an odd point.
@@ -191,11 +194,11 @@ async def measure_serving(targets: dict[str, str], texts: dict[str, list[str]], 
     return points, checks
 
 
-async def _check(client, text_input, reference: dict[str, np.ndarray], outputs) -> dict:
+async def _check(client, text_input, reference: dict[str, np.ndarray], outputs, model: str = MODEL) -> dict:
     """Shape always; cosine similarity to the in-process embedding when the reference ran."""
     check = {}
     for text, expected in reference.items():
-        result = await client.infer(MODEL, [text_input(text)], outputs=outputs)
+        result = await client.infer(model, [text_input(text)], outputs=outputs)
         embedding = result.as_numpy("embedding")
         if embedding.shape != (1, EMBEDDING_DIM):
             raise RuntimeError(f"embedding shape {embedding.shape}, expected (1, {EMBEDDING_DIM})")
@@ -284,10 +287,11 @@ def print_pair_table(console: Console, title: str, points: list[dict], compariso
     console.print(table)
 
 
-def print_inprocess_table(console: Console, inprocess: dict[str, dict]) -> None:
+def print_inprocess_table(console: Console, inprocess: dict[str, dict], name: str = "sentence-transformers",
+                          threads_of: str = "torch") -> None:
     if not inprocess:
         return
-    reference = Table(title=f"In-process sentence-transformers (reference, torch threads "
+    reference = Table(title=f"In-process {name} (reference, {threads_of} threads "
                             f"{next(iter(inprocess.values()))['torch_num_threads']})")
     for header in ("texts", f"texts/s (batch {INPROCESS_BATCH_SIZE})", "1 text p50 ms", "1 text p99 ms"):
         reference.add_column(header, justify="left" if header == "texts" else "right")
@@ -307,9 +311,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_load_args(argv: list[str] | None, doc: str, worker_threads_default: int,
-                    worker_threads_help: str) -> argparse.Namespace:
-    """The options every embedding benchmark takes (this one and the one against peers)."""
+                    worker_threads_help: str, add_arguments=None) -> argparse.Namespace:
+    """The options every embedding benchmark takes (this one and the one against peers);
+    `add_arguments(parser)` adds a benchmark's own."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("--duration-s", type=float, default=10.0, help="measured seconds per point")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured seconds before each point")
     parser.add_argument("--concurrency", default="1,8,32", help="closed-loop clients per point, comma-separated")

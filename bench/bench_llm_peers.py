@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.bench_llm_peers [--duration-s 20] [--warmup-s 5] [--concurrency 1,8,32]
         [--rates auto|r1,r2] [--open-loop-s S] [--max-tokens 64] [--threads 2] [--pin]
-        [--targets tensoryard,vllm,llamacpp] [--seed 0]
+        [--targets tensoryard,vllm,llamacpp] [--dtypes float32] [--quantized-concurrency 1]
+        [--kernels auto] [--seed 0]
 
 SmolLM2-135M-Instruct on every system: tensoryard (`tensoryard up`, streaming Generate through the
 router), vLLM on the float32 folder tensoryard imports and llama.cpp on the Q4_1 GGUF it imports from
@@ -17,6 +18,15 @@ tokens banned through logit_bias (its server has no ignore_eos).
 --threads compute threads everywhere: tensoryard's worker threads, vLLM's OpenMP bind list, llama.cpp's
 --n-threads. --pin puts the servers on some cores and this client on the others; the thread count is
 then the number of server cores. Peers that are not installed are skipped and say so in the report.
+
+--dtypes runs the systems once per dtype, in that order (bench/llm_peer_dtypes.py): float32,
+bfloat16 or float16 puts tensoryard's weights and KV cache (its workers' --weight-dtype and
+--kv-cache-dtype) and vLLM (--dtype) in that dtype; int8 and int4 (weight-only, a bfloat16 cache)
+run tensoryard alone, closed loop at --quantized-concurrency only. llama.cpp runs once, on its
+Q4_1 blocks. The Poisson rates ("auto") come from the first dtype's tensoryard run and hold for
+every dtype. Each tensoryard run records its worker's `tensoryard_worker_weight_bytes` gauge; the
+report checks the issue's targets (bf16 and float32 at c=32 against vLLM, int8 against bf16 at
+c=1, int4's resident bytes against float32's) on this run's numbers.
 Metrics: bench/llm_load.py. Writes bench/results/llm-peers-<UTC>.json and a .png beside it.
 """
 
@@ -42,6 +52,8 @@ from rich.console import Console
 from bench.bench_llm import (NUM_PROMPTS, Prompt, RequestSource, add_load_arguments, finish_load_arguments, make_prompts,
                              prompt_stats, resolve_rates)
 from bench.llm_load import closed_loop_point, open_loop_point, poisson_arrivals_s, summarize, traced_generate
+from bench.llm_peer_dtypes import (DTYPES, KERNELS, LLAMACPP_DTYPE, QUANTIZED_DTYPES, check_targets, parse_dtypes,
+                                   run_home, stack_env, system_key, targets_in, worker_weight_bytes)
 from bench.llm_peers_report import compare, plot, print_tables
 from bench.llm_report import MODEL, format_ms
 from bench.machine import cpu_affinity, machine_info, split_cpus
@@ -72,23 +84,23 @@ def peer_missing(target: str) -> str:
     return f"not installed: run `.venv/bin/python -m {launcher.__name__} --install`"
 
 
-def peer_flags(target: str, threads: int, server_cpus: set[int] | None) -> list[str]:
+def peer_flags(target: str, threads: int, server_cpus: set[int] | None, dtype: str) -> list[str]:
     cpus = ["--cpus", ",".join(map(str, sorted(server_cpus)))] if server_cpus else []
     if target == "vllm":
-        # vLLM runs one OpenMP thread per CPU of its bind list.
+        # vLLM runs one OpenMP thread per CPU of its bind list; its CPU KV cache takes the model's dtype.
         bind = sorted(server_cpus or os.sched_getaffinity(0))[:threads]
-        return [*cpus, "--omp-threads-bind", ",".join(map(str, bind))]
+        return [*cpus, "--omp-threads-bind", ",".join(map(str, bind)), "--dtype", dtype]
     # By default a queued request interrupts the one streaming; it must wait its turn instead.
     return [*cpus, "--n-threads", str(threads), "--interrupt_requests", "false"]
 
 
 @contextlib.contextmanager
-def running_peer(target: str, threads: int, server_cpus: set[int] | None):
+def running_peer(target: str, threads: int, server_cpus: set[int] | None, dtype: str):
     """The peer's launcher in its own session until the block ends; yields the server's base URL."""
     workdir = Path(tempfile.mkdtemp(prefix=f"tensoryard-{target}-peer-"))
     (port,) = free_ports(1)
     command = [sys.executable, "-m", PEER_LAUNCHERS[target].__name__, "--port", str(port),
-               *peer_flags(target, threads, server_cpus)]
+               *peer_flags(target, threads, server_cpus, dtype)]
     with background_server(target, command, workdir, READY_LINES[target], server_cpus,
                            stop_timeout_s=PEER_STOP_TIMEOUT_S) as (_, wait_ready):
         wait_ready()
@@ -114,7 +126,7 @@ def after_check(requests: list) -> Callable[[], object]:
 
 
 async def measure_tensoryard(router: str, prompts: list[Prompt], args: argparse.Namespace,
-                             rates: list[float] | None) -> dict:
+                             rates: list[float] | None, open_loop: bool = True) -> dict:
     from protos.tensoryard.v1 import generation_pb2_grpc
 
     requests = RequestSource(prompts, args.max_tokens).requests
@@ -123,7 +135,8 @@ async def measure_tensoryard(router: str, prompts: list[Prompt], args: argparse.
         trace = await call(requests[0], [])
         check = {"text": trace.text, "finish_reason": trace.finish_reason, "prompt_tokens": trace.num_prompt_tokens,
                  "output_tokens": trace.num_output_tokens}
-        return {"check": check, **await measure_points("tensoryard", call, after_check(requests), args, rates)}
+        return {"check": check, **await measure_points("tensoryard", call, after_check(requests), args, rates,
+                                                       open_loop)}
 
 
 async def measure_peer(target: str, server: ChatServer, prompts: list[Prompt], args: argparse.Namespace,
@@ -138,7 +151,7 @@ async def measure_peer(target: str, server: ChatServer, prompts: list[Prompt], a
 
 
 async def measure_points(target: str, call, next_request, args: argparse.Namespace,
-                         rates: list[float] | None) -> dict:
+                         rates: list[float] | None, open_loop: bool = True) -> dict:
     """Closed loop at each concurrency, then open loop at each rate (None: auto, from this target)."""
     points = []
     for concurrency in args.concurrency:
@@ -146,7 +159,7 @@ async def measure_points(target: str, call, next_request, args: argparse.Namespa
                                                          args.warmup_s)
         points.append(_point(target, "closed", {"concurrency": concurrency},
                              summarize(traces, start_s, end_s, args.max_tokens)))
-    rates = resolve_rates(rates, points, args.max_tokens, target)
+    rates = resolve_rates(rates, points, args.max_tokens, target) if open_loop else []
     for index, rate in enumerate(rates):
         arrivals_s = poisson_arrivals_s(rate, args.open_loop_s, args.seed + 1000 + index)
         traces, start_s, end_s = await open_loop_point(call, next_request, arrivals_s, args.open_loop_s,
@@ -168,40 +181,53 @@ def _point(target: str, loop: str, at: dict, summary: dict) -> dict:
     return point
 
 
-def run_system(target: str, args: argparse.Namespace, home: Path, extra_bodies: dict[str, dict],
+def run_system(target: str, dtype: str, args: argparse.Namespace, home: Path, extra_bodies: dict[str, dict],
                prompts: list[Prompt], rates: list[float] | None, server_cpus: set[int] | None,
                client_cpus: set[int] | None) -> dict:
-    """Start the target, measure every point, stop it."""
-    log.print(f"starting {target} ...")
+    """Start the target in this dtype, measure every point, stop it."""
+    log.print(f"starting {target} ({LLAMACPP_DTYPE if target == 'llamacpp' else dtype}) ...")
     if target == "tensoryard":
-        with running_stack(args.threads, server_cpus, home=home) as stack, cpu_affinity(client_cpus):
-            return asyncio.run(measure_tensoryard(stack.router, prompts, args, rates))
-    with running_peer(target, args.threads, server_cpus) as base_url, cpu_affinity(client_cpus):
+        quantized = dtype in QUANTIZED_DTYPES
+        load = argparse.Namespace(**{**vars(args), "concurrency": args.quantized_concurrency}) if quantized else args
+        # --no-embedding: vLLM and llama.cpp serve the LLM alone, so does tensoryard here.
+        with running_stack(args.threads, server_cpus, home=run_home(home), flags=("--no-embedding",),
+                           env=stack_env(dtype, args.kernels)) as stack, cpu_affinity(client_cpus):
+            weights = worker_weight_bytes(stack.home, common.SERVED_MODEL_NAME)
+            log.print(f"  tensoryard worker: {weights['weight_bytes'] / 2**20:.1f} MiB of "
+                      f"{weights['weight_dtype_reported']} weights")
+            return {**weights, **asyncio.run(measure_tensoryard(stack.router, prompts, load, rates, not quantized))}
+    with running_peer(target, args.threads, server_cpus, dtype) as base_url, cpu_affinity(client_cpus):
         server = ChatServer(base_url, common.SERVED_MODEL_NAME, extra_bodies[target])
         return asyncio.run(measure_peer(target, server, prompts, args, rates))
 
 
 def run_all(args: argparse.Namespace, home: Path, folder: Path, prompts: list[Prompt],
             server_cpus: set[int] | None, client_cpus: set[int] | None) -> dict[str, dict]:
-    """Each target in turn; a missing or failing peer is recorded and skipped, the others still run."""
+    """Each dtype, each target in turn; a missing or failing peer is recorded and skipped, the others
+    still run. Systems are keyed "target:dtype" (llama.cpp: "llamacpp"); their points carry the dtype."""
     systems: dict[str, dict] = {}
     rates = args.rates
     extra_bodies = peer_extra_bodies(folder)
-    for target in args.targets:
-        if target != "tensoryard" and (reason := peer_missing(target)):
-            log.print(f"[yellow]skipping {target}: {reason}[/yellow]")
-            systems[target] = {"skipped": reason}
-            continue
-        try:
-            systems[target] = run_system(target, args, home, extra_bodies, prompts, rates, server_cpus,
-                                         client_cpus)
-        except Exception as error:  # noqa: BLE001 - one system's failure must not lose the others' numbers
-            if target == "tensoryard" and rates is None:
-                raise  # --rates auto has nothing to go on
-            log.print(f"[red]{target} failed: {type(error).__name__}: {error}[/red]")
-            systems[target] = {"skipped": f"failed: {type(error).__name__}: {error}"}
-            continue
-        rates = systems[target]["rates"]  # tensoryard's, when auto: every system gets the same
+    for index, dtype in enumerate(args.dtypes):
+        for target in targets_in(dtype, args.targets, first=index == 0):
+            key = system_key(target, dtype)
+            if target != "tensoryard" and (reason := peer_missing(target)):
+                log.print(f"[yellow]skipping {target}: {reason}[/yellow]")
+                systems[key] = {"skipped": reason}
+                continue
+            try:
+                systems[key] = run_system(target, dtype, args, home, extra_bodies, prompts, rates, server_cpus,
+                                          client_cpus)
+            except Exception as error:  # noqa: BLE001 - one system's failure must not lose the others' numbers
+                if target == "tensoryard" and rates is None:
+                    raise  # --rates auto has nothing to go on
+                log.print(f"[red]{key} failed: {type(error).__name__}: {error}[/red]")
+                systems[key] = {"skipped": f"failed: {type(error).__name__}: {error}"}
+                continue
+            for point in systems[key]["points"]:
+                point["dtype"] = LLAMACPP_DTYPE if target == "llamacpp" else dtype
+            if systems[key]["rates"]:
+                rates = systems[key]["rates"]  # tensoryard's, when auto: every system gets the same
     return systems
 
 
@@ -214,8 +240,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pin", action="store_true",
                         help="servers on some cores, this client on the others; --threads becomes their number")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"some of {','.join(TARGETS)}, comma-separated")
+    parser.add_argument("--dtypes", default="float32",
+                        help=f"some of {','.join(DTYPES)}, comma-separated, run in that order (int8, int4: tensoryard only)")
+    parser.add_argument("--quantized-concurrency", default="1", help="closed-loop points of the int8/int4 runs")
+    parser.add_argument("--kernels", choices=KERNELS, default="auto",
+                        help="tensoryard's LLM kernels (auto: the compiled CPU decode kernel where built)")
     args = parser.parse_args(argv)
     finish_load_arguments(parser, args)
+    try:
+        args.dtypes = parse_dtypes(args.dtypes)
+        args.quantized_concurrency = sorted({int(c) for c in args.quantized_concurrency.split(",") if c.strip()})
+    except ValueError as error:
+        parser.error(str(error))
+    if not args.quantized_concurrency or min(args.quantized_concurrency) < 1:
+        parser.error("--quantized-concurrency: positive integers")
+    if args.dtypes[0] in QUANTIZED_DTYPES and args.rates is None:
+        parser.error("--rates auto comes from the first dtype's run: put a float dtype first")
     wanted = {t.strip() for t in args.targets.split(",") if t.strip()}
     args.targets = [t for t in TARGETS if t in wanted]  # always in this order: tensoryard sets the auto rates
     if wanted - set(TARGETS) or not args.targets:
@@ -259,12 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         if "check" in system:
             system["check"] |= {"prompt_tokens_expected": len(prompts[0].token_ids),
                                 "output_tokens_expected": args.max_tokens}
-    title = (f"{MODEL}: tensoryard vs vLLM vs llama.cpp, {args.max_tokens} output tokens, {args.threads} threads"
+    title = (f"{MODEL}: tensoryard vs vLLM vs llama.cpp ({','.join(args.dtypes)}), {args.max_tokens} output tokens, "
+             f"{args.threads} threads"
              f"{', pinned' if server_cpus else ''}, {args.duration_s:g}s per closed-loop point, "
              f"{args.open_loop_s:g}s per rate")
     points = [p for system in systems.values() for p in system.get("points", [])]
     comparisons = compare(points)
-    print_tables(systems, points, comparisons, title)
+    targets = check_targets(points, systems)
+    print_tables(systems, points, comparisons, title, targets)
     report = {
         "benchmark": RESULTS_NAME,
         "model": MODEL,
@@ -276,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "systems": {target: {k: v for k, v in system.items() if k != "points"} for target, system in systems.items()},
         "points": points,
         "comparisons": comparisons,
+        "targets": targets,
     }
     log.print(f"wrote {write_json(report, created, RESULTS_NAME)}")
     log.print(f"wrote {plot(points, title, result_path(RESULTS_NAME, created, 'png'))}")
