@@ -40,8 +40,6 @@ LEADER_KEY = "tensoryard/autoscaler/leader"
 class SoleLeader:
     """One registry, no election: always leads, with a constant token."""
 
-    name = "sole"
-
     async def fence(self) -> int | None:
         return 1
 
@@ -69,7 +67,6 @@ class ConsulLeaderLock:
         self.session_id = ""
         self.token: int | None = None  # the LockIndex this session acquired; None: not leading
         self._renewed_at_s = float("-inf")  # when the last successful renewal was *sent*
-        self.num_acquired = 0
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -123,7 +120,6 @@ class ConsulLeaderLock:
         if entry is None or entry.get("Session") != self.session_id:
             return
         self.token = int(entry["LockIndex"])
-        self.num_acquired += 1
         log.info("autoscaler_leader_acquired", session=self.session_id, fencing_token=self.token, holder=self.holder)
 
     async def _read(self) -> dict | None:

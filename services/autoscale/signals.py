@@ -90,13 +90,10 @@ class SignalReader:
             self._counters[s.worker_id] = total
             self._seen.add(s.worker_id)
         self._listed.update(w.address for w in workers)
-        return aggregate(stats, num_requests_done=done, num_requests_held=await self._num_held(model_name, version))
+        return aggregate(stats, num_requests_done=done, num_requests_held=await self.num_held(model_name, version))
 
     async def num_held(self, model_name: str, version: int) -> int:
         """Requests routers hold for the deployment (0 when none, or when the KV cannot be read)."""
-        return await self._num_held(model_name, version)
-
-    async def _num_held(self, model_name: str, version: int) -> int:
         if self._held is None:
             return 0
         try:

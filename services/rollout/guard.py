@@ -23,7 +23,7 @@ from services.common.telemetry import get_logger
 from services.rollout.decision import Verdict, judge
 from services.rollout.promote import canary_versions
 from services.rollout.window import CountsWindow, version_counts
-from services.status.scrape import fetch_all, metrics_url
+from services.status.scrape import fetch_all, router_metrics_urls
 
 log = get_logger(__name__)
 
@@ -38,17 +38,6 @@ class Rollback:
     stable_version: int
     verdict: Verdict
     details: dict
-
-
-def router_metrics_urls(instances) -> list[str]:
-    """The /metrics URL of each router discovery lists (records with `address` and `metadata`)."""
-    urls = []
-    for instance in instances:
-        port = instance.metadata.get("metrics_port", "")
-        if port and port not in ("-1", "0"):
-            host = instance.address.rsplit(":", 1)[0]
-            urls.append(metrics_url(f"{host}:{port}"))
-    return urls
 
 
 class RollbackGuard:

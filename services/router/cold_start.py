@@ -114,9 +114,18 @@ class ColdStartHold:
         version = choose_version(model.policy, model.aliases, waiting, request_values, self._rng).version
         return version if version in waiting else None
 
+    def can_hold(self, model_name: str, version: str = "") -> bool:
+        """Whether requests for this version ("": any version) would wait for a first replica here
+        rather than be refused: ready in the sense a caller needs."""
+        if not self.enabled:
+            return False
+        if not version:
+            return bool(self._catalog.scale_to_zero_versions(model_name))
+        return version.isdigit() and self._catalog.scales_to_zero(model_name, int(version))
+
     def holds(self, route: RouteRequest) -> bool:
-        return (self.enabled and route.model_version.isdigit()
-                and self._catalog.scales_to_zero(route.model_name, int(route.model_version)))
+        """For a request whose version is settled."""
+        return bool(route.model_version) and self.can_hold(route.model_name, route.model_version)
 
     async def wait(self, route: RouteRequest) -> None:
         """Return once a replica of the route's version is routable; raise when the bounds say no."""

@@ -349,13 +349,7 @@ class RoutingServicer:
                                      or self._holds_for(request.name, version))
 
     def _holds_for(self, model_name: str, version: str) -> bool:
-        """A deployment scaled to zero is ready in the sense a caller needs: its requests are held
-        until a replica starts, not refused."""
-        if self._hold is None or not self._hold.enabled:
-            return False
-        if not version:
-            return bool(self._catalog.scale_to_zero_versions(model_name))
-        return version.isdigit() and self._catalog.scales_to_zero(model_name, int(version))
+        return self._hold is not None and self._hold.can_hold(model_name, version)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(

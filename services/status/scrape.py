@@ -154,18 +154,22 @@ def list_consul_workers(consul, timeout_s: float) -> tuple[list[WorkerInstance],
     return [_worker(instance, consul.host) for instance in instances], None
 
 
-def consul_router_metrics(consul, timeout_s: float) -> list[str]:
-    """The /metrics URLs of the passing routers in Consul ([] when Consul does not answer)."""
-    try:
-        instances = consul.passing("router", timeout_s)
-    except OSError:
-        return []
+def router_metrics_urls(instances) -> list[str]:
+    """The /metrics URL of each router discovery lists (records with `address` and `metadata`)."""
     urls = []
     for instance in instances:
         port = instance.metadata.get("metrics_port", "")
         if port and port not in ("-1", "0"):
             urls.append(metrics_url(f"{_host(instance.address)}:{port}"))
     return urls
+
+
+def consul_router_metrics(consul, timeout_s: float) -> list[str]:
+    """The /metrics URLs of the passing routers in Consul ([] when Consul does not answer)."""
+    try:
+        return router_metrics_urls(consul.passing("router", timeout_s))
+    except OSError:
+        return []
 
 
 def take_round(registry: str, router_urls: list[str], timeout_s: float, security=None, consul=None) -> Round:

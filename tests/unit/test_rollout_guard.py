@@ -6,7 +6,8 @@ import asyncio
 
 from protos.tensoryard.v1 import registry_pb2
 from services.rollout.decision import DEFAULT_ROLLBACK
-from services.rollout.guard import RollbackGuard, router_metrics_urls
+from services.rollout.guard import RollbackGuard
+from services.status.scrape import router_metrics_urls
 from services.status.scrape import Scrape, parse
 from tests.unit.test_rollout_window import MODEL, page
 
