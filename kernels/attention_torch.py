@@ -14,7 +14,10 @@ and float16 inputs, and converting every gathered block to float32 first cost mo
 attention itself.
 
 Which rows decode, which blocks they read and their length masks are the same in every layer of
-a step: they are worked out once, on the first layer's call, and kept on the step's metadata.
+a step: they are worked out once, before the forward pass (`plan_torch` / `plan_cpu`, the backend's
+`Ops.plan_step`), from the host lists the runner already has, and kept on the step's metadata. No
+layer reads a device tensor back. A caller that did not plan (a test calling the op directly) gets
+the plan made on the first call, from the metadata's tensors read back once.
 
 Memory traffic: the gather copies `rows * L_max * Hkv * D` keys and values per layer and call,
 and every row pads to the longest of its call. With prompts of 40 to 300 tokens, one call for 32
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import paged_decode_cpu
-from kernels.ops import AttentionMetadata
+from kernels.ops import AttentionMetadata, StepHost
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,7 @@ class _StepPlan:
     prefill: tuple[_PrefillChunk, ...]
     kernel_decode: _KernelDecodePlan | None = None  # the decode rows, when the kernel takes them
     with_kernel: bool = False  # planned for the kernel (layers of one step all take the same path)
+    host: StepHost | None = None  # what it was planned from: a re-plan for the other path needs no sync
 
 
 # Each extra group saves padding but costs two more gathers and one more SDPA call per layer.
@@ -112,12 +116,27 @@ def paged_attention_cpu(
     return _attend(q, k_cache, v_cache, metadata, scale, sliding_window, op)
 
 
+def plan_torch(metadata: AttentionMetadata, host: StepHost, k_cache: torch.Tensor) -> None:
+    """The torch backend's plan_step: the step's plan, before the forward pass, from host lists."""
+    metadata.backend_plan = _plan(metadata, host, k_cache, with_kernel=False)
+
+
+def plan_cpu(metadata: AttentionMetadata, host: StepHost, k_cache: torch.Tensor) -> None:
+    """The cpu backend's plan_step. Whether the kernel takes the step is judged on the cache (q is
+    not made yet; it has the compute dtype, which usually is the cache's): a q it refuses after all
+    is re-planned for the torch path from the same host lists, still without a sync."""
+    with_kernel = paged_decode_cpu.load() is not None and paged_decode_cpu.supports(k_cache, k_cache)
+    metadata.backend_plan = _plan(metadata, host, k_cache, with_kernel)
+
+
 def _attend(q, k_cache, v_cache, metadata: AttentionMetadata, scale, sliding_window, decode_op) -> torch.Tensor:
     plan = metadata.backend_plan
     with_kernel = decode_op is not None
     if not isinstance(plan, _StepPlan) or plan.with_kernel != with_kernel:
-        # First layer of the step: plan once for all layers.
-        plan = metadata.backend_plan = _plan(metadata, k_cache, with_kernel)
+        # Not planned before the forward pass (a direct call: read the lists back, once), or planned
+        # for the other path (the kernel does not take this q): plan once for all layers.
+        host = plan.host if isinstance(plan, _StepPlan) else _read_host(metadata)
+        plan = metadata.backend_plan = _plan(metadata, host, k_cache, with_kernel)
     out = torch.empty_like(q)
     if plan.kernel_decode is not None:
         rows = plan.kernel_decode
@@ -130,10 +149,15 @@ def _attend(q, k_cache, v_cache, metadata: AttentionMetadata, scale, sliding_win
     return out
 
 
-def _plan(metadata: AttentionMetadata, k_cache: torch.Tensor, with_kernel: bool = False) -> _StepPlan:
+def _read_host(metadata: AttentionMetadata) -> StepHost:
+    """The host lists of a step nobody planned: a device sync, for direct callers only."""
+    return StepHost(cu_seqlens_q=metadata.cu_seqlens_q.tolist(), context_lens=metadata.context_lens.tolist())
+
+
+def _plan(metadata: AttentionMetadata, host: StepHost, k_cache: torch.Tensor, with_kernel: bool = False) -> _StepPlan:
     block_size = k_cache.shape[1]
-    cu_seqlens = metadata.cu_seqlens_q.tolist()
-    context_lens = metadata.context_lens.tolist()
+    cu_seqlens = host.cu_seqlens_q
+    context_lens = host.context_lens
     decode, prefill = [], []
     for b, context_len in enumerate(context_lens):
         num_new = cu_seqlens[b + 1] - cu_seqlens[b]
@@ -151,11 +175,11 @@ def _plan(metadata: AttentionMetadata, k_cache: torch.Tensor, with_kernel: bool 
             context_lens=metadata.context_lens.to(torch.int32).contiguous(),
             block_tables=metadata.block_tables.to(torch.int32).contiguous(),
         )
-        return _StepPlan((), tuple(prefill), kernel_decode, with_kernel=True)
+        return _StepPlan((), tuple(prefill), kernel_decode, with_kernel=True, host=host)
     groups = _length_groups(decode, context_lens)
     decode_plans = tuple(_decode_plan(group, cu_seqlens, context_lens, metadata.block_tables, k_cache)
                          for group in groups)
-    return _StepPlan(decode_plans, tuple(prefill), with_kernel=with_kernel)
+    return _StepPlan(decode_plans, tuple(prefill), with_kernel=with_kernel, host=host)
 
 
 def _length_groups(rows: list[int], context_lens: list[int]) -> list[list[int]]:

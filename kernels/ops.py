@@ -13,6 +13,7 @@ fallback, and choosing it explicitly switches the kernel off.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -31,9 +32,23 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32: cache blocks of sequence b, padded with 0
     max_seqlen_q: int  # host copies of the maxima, so launchers size grids without a device sync
     max_context_len: int
-    # What a backend derives from the fields above once per step and reuses in every layer
-    # (index tensors, masks); set by the backend on its first call, never by the runner.
+    # What a backend derives from the fields above once per step and reuses in every layer (index
+    # tensors, masks): set by `Ops.plan_step` before the forward pass, never by the runner itself.
     backend_plan: object | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepHost:
+    """The step's batch as host ints, which the runner has before the forward pass: a backend plans
+    from these, so no layer reads the device's copies back (a host sync, and none is allowed inside
+    a CUDA graph)."""
+
+    cu_seqlens_q: list[int]  # [B + 1]: the host twin of AttentionMetadata.cu_seqlens_q
+    context_lens: list[int]  # [B]
+
+
+def _no_plan(metadata: AttentionMetadata, host: StepHost, positions: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """The plan_step of a backend that needs none: its kernels read the metadata's tensors directly."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,38 +64,57 @@ class Ops:
     write_kv: Callable[..., None]
     # (q [N, Hq, D], k_cache, v_cache, AttentionMetadata, scale, sliding_window) -> [N, Hq, D]
     paged_attention: Callable[..., torch.Tensor]
+    # (metadata, StepHost, positions [N], k_cache of any layer) -> None: once per step, before the
+    # forward pass; fills metadata.backend_plan and renews what the ops keep per step (RoPE tables).
+    plan_step: Callable[[AttentionMetadata, StepHost, torch.Tensor, torch.Tensor], None] = _no_plan
 
 
 def torch_ops() -> Ops:
     from kernels.activation import silu_and_mul_ref
-    from kernels.attention_torch import paged_attention_torch
+    from kernels.attention_torch import paged_attention_torch, plan_torch
     from kernels.kv_write import write_kv_ref
     from kernels.rmsnorm import rmsnorm_torch
     from kernels.rope import RopeTorch
 
+    rope = RopeTorch()  # one per Ops, so per model: it keeps the step's tables
+
+    def plan_step(metadata: AttentionMetadata, host: StepHost, positions: torch.Tensor, k_cache: torch.Tensor) -> None:
+        rope.begin_step(positions)
+        plan_torch(metadata, host, k_cache)
+
     return Ops(
         name="torch",
         rmsnorm=rmsnorm_torch,
-        rope=RopeTorch(),  # one per Ops, so per model: it keeps the step's tables
+        rope=rope,
         silu_and_mul=silu_and_mul_ref,
         write_kv=write_kv_ref,
         paged_attention=paged_attention_torch,
+        plan_step=plan_step,
     )
 
 
 def cpu_ops() -> Ops | None:
     """torch_ops with the compiled CPU decode kernel, or None where it is not built or does not load."""
     from kernels import paged_decode_cpu
-    from kernels.attention_torch import paged_attention_cpu
+    from kernels.attention_torch import paged_attention_cpu, plan_cpu
 
     if paged_decode_cpu.load() is None:
         return None
-    return replace(torch_ops(), name="cpu", paged_attention=paged_attention_cpu)
+    ops = torch_ops()
+    rope = ops.rope
+
+    def plan_step(metadata: AttentionMetadata, host: StepHost, positions: torch.Tensor, k_cache: torch.Tensor) -> None:
+        rope.begin_step(positions)
+        plan_cpu(metadata, host, k_cache)
+
+    return replace(ops, name="cpu", paged_attention=paged_attention_cpu, plan_step=plan_step)
 
 
-def _triton_ops() -> Ops | None:
-    """The Triton backend, or None where it cannot run (no CUDA, no triton, not written yet)."""
-    if not torch.cuda.is_available():
+def _triton_ops(explicit: bool = False) -> Ops | None:
+    """The Triton backend, or None where it cannot run (no CUDA, no triton). Asked for explicitly
+    under `TRITON_INTERPRET=1`, it runs on the CPU through triton's interpreter (tests only: slow)."""
+    interpreted = explicit and os.environ.get("TRITON_INTERPRET") == "1"
+    if not torch.cuda.is_available() and not interpreted:
         return None
     try:
         module = importlib.import_module("kernels.triton_backend")
@@ -95,7 +129,7 @@ def get_ops(backend: str = "auto") -> Ops:
     if backend == "torch":
         return torch_ops()
     if backend != "cpu":
-        ops = _triton_ops()
+        ops = _triton_ops(explicit=backend == "triton")
         if ops is not None:
             return ops
         if backend == "triton":

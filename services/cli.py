@@ -178,9 +178,11 @@ def _parser() -> argparse.ArgumentParser:
                         dest="weight_dtype", help="LLM weights; int8/int4: weight-only quantized at load")
     worker.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "float16"),
                         dest="kv_cache_dtype", help="LLM KV cache")
-    worker.add_argument("--kernels", choices=("auto", "torch", "cpu", "triton"), dest="kernels",
+    worker.add_argument("--kernels", "--backend", choices=("auto", "torch", "cpu", "triton"), dest="kernels",
                         help="LLM kernels: torch (the reference), cpu (the compiled CPU decode kernel), triton; "
                              "auto: triton on CUDA, else cpu where it is built, else torch")
+    worker.add_argument("--tensor-parallel-size", type=int, dest="tensor_parallel_size",
+                        help="LLM: split the model over this many devices (cuda:k.. of --device cuda:k)")
     worker.add_argument("--max-num-queued-tokens", type=int, dest="max_num_queued_tokens",
                         help="LLM admission: prompt tokens that may wait")
     worker.add_argument("--max-queue-wait-s", type=float, dest="max_queue_wait_s",

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# Without a GPU the Triton kernels run under triton's interpreter, on CPU tensors. triton reads
+# the switch when a kernel is decorated, at import, so it is set before any test imports kernels/.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The Consul stand-in's fixtures (consul_standin, consul_url, start_consul_standin) for every test.
 pytest_plugins = ["tests.support.consul_fixtures"]

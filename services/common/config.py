@@ -339,6 +339,8 @@ class WorkerConfig:
     kv_cache_dtype: str = ""
     # LLM kernels (kernels/ops.py): auto | torch | cpu | triton; empty: the version's `kernels`, else auto.
     kernels: str = ""
+    # LLM tensor parallelism: devices (ranks) the model is split over (0: the version's, else 1).
+    tensor_parallel_size: int = 0
     # LLM admission control (0: keep the version's value, else the default in services/worker/admission.py).
     max_num_queued_tokens: int = 0
     max_queue_wait_s: float = 0.0

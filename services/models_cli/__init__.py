@@ -54,13 +54,13 @@ def run_models_command(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def _command(name: str):
-    from services.models_cli import diff, export_onnx, listing, manage, push, traffic
+    from services.models_cli import diff, export_onnx, listing, manage, optimize, push, traffic
 
     return {
         "push": push.run_push, "register": push.run_push, "import": push.run_import,
         "list": listing.run_list, "show": listing.run_show, "diff": diff.run_diff,
         "alias": manage.run_alias, "rm": manage.run_rm, "traffic": traffic.run_traffic,
-        "export-onnx": export_onnx.run_export_onnx,
+        "export-onnx": export_onnx.run_export_onnx, "optimize": optimize.run_optimize,
     }[name]
 
 

@@ -81,6 +81,9 @@ def add_models_commands(subparsers, add_admin_token_flag) -> None:
     from services.models_cli.export_onnx import add_export_onnx_command
 
     add_export_onnx_command(sub, common, _add_version_flags)
+    from services.models_cli.optimize import add_optimize_command
+
+    add_optimize_command(sub, common, _add_version_flags)
 
     # promote, gate and rollback belong to services/rollout/, present once it is written.
     if rollout_commands_present():

@@ -17,7 +17,7 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _ALIAS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 _VERSION_NUMBER = re.compile(r"[0-9]{1,9}")
 _AUDIT_ACTION = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
-LINEAGE_SOURCE_KINDS = frozenset({"", "folder", "hf_folder", "hf_cache", "gguf", "mlflow", "onnx", "push"})
+LINEAGE_SOURCE_KINDS = frozenset({"", "folder", "hf_folder", "hf_cache", "gguf", "mlflow", "onnx", "optimize", "push"})
 MAX_LABEL_CHARS = 1024
 
 

@@ -39,6 +39,7 @@ def engine_config_for(fetched: FetchedVersion, config: WorkerConfig) -> EngineCo
         kv_cache_dtype=pick(config.kv_cache_dtype, "kv_cache_dtype", "auto"),
         device=config.device,
         max_model_len=int(max_model_len) if max_model_len else None,
+        tensor_parallel_size=int(pick(config.tensor_parallel_size, "tensor_parallel_size", 1)),
         cache=cache,
         scheduler=scheduler,
     )

@@ -86,26 +86,27 @@ def test_float32_against_itself_is_perfect(checkpoint, reference, held_out):
     assert labels["quality.ppl_ratio"] == "1.0000" and labels["quality.weight_dtype"] == "float32"
 
 
-def small_engine(directory, weight_dtype: str, kv_cache_dtype: str, batched: bool) -> LLMEngine:
+def small_engine(directory, weight_dtype: str, kv_cache_dtype: str, batched: bool, backend: str = "torch") -> LLMEngine:
     """batched: a pool and token budget too small for the load (chunked prefill, preemption);
     else one sequence at a time with room to spare."""
     return LLMEngine(EngineConfig(
-        model_dir=str(directory), backend="torch", weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype,
+        model_dir=str(directory), backend=backend, weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype,
         max_model_len=96,
         cache=CacheConfig(block_size=4, num_blocks=32 if batched else 64, enable_prefix_caching=False),
         scheduler=SchedulerConfig(max_num_seqs=8 if batched else 1, max_num_batched_tokens=16 if batched else 128),
     ))
 
 
-def run_both_ways(directory, weight_dtype: str, kv_cache_dtype: str) -> tuple[list[list[int]], list[list[int]]]:
+def run_both_ways(directory, weight_dtype: str, kv_cache_dtype: str,
+                  backend: str = "torch") -> tuple[list[list[int]], list[list[int]]]:
     """(tokens under continuous batching with chunked prefill and preemption, tokens one at a time)."""
     prompts = make_prompts(seed=11)
     max_tokens = [8 + (i * 5) % 17 for i in range(len(prompts))]
-    batched_engine = small_engine(directory, weight_dtype, kv_cache_dtype, batched=True)
+    batched_engine = small_engine(directory, weight_dtype, kv_cache_dtype, batched=True, backend=backend)
     batched = run_staggered(batched_engine, prompts, max_tokens)
     stats = batched_engine.stats()
     assert stats.num_preemptions > 0 and stats.num_chunked_prefills > 0
-    alone = small_engine(directory, weight_dtype, kv_cache_dtype, batched=False)
+    alone = small_engine(directory, weight_dtype, kv_cache_dtype, batched=False, backend=backend)
     one_at_a_time = [quality.greedy_tokens(alone, [prompt], max_tokens[i])[0] for i, prompt in enumerate(prompts)]
     return [batched[f"r{i}"] for i in range(len(prompts))], one_at_a_time
 
@@ -120,14 +121,28 @@ def test_batching_with_preemption_is_greedy_identical_to_one_at_a_time(checkpoin
 
 
 @pytest.mark.parametrize("weight_dtype", ["bfloat16", "int8", "int4", "float32"])
-def test_batching_with_a_bfloat16_cache_stays_close_to_one_at_a_time(checkpoint, weight_dtype):
-    """With a bf16 cache, attention runs in bf16 through SDPA, whose rounding depends on how far a
-    row is padded (the other sequences of its step): a rare last-bit difference can flip a greedy
-    token. Measured agreement here is 0.9 to 1.0; the bound is the documented one."""
+def test_batching_with_a_bfloat16_cache_stays_close_to_one_at_a_time_on_the_reference_path(checkpoint, weight_dtype):
+    """On the torch reference path a bf16 cache's decode attention runs in bf16 through SDPA, whose
+    rounding depends on how far a row is padded (the other sequences of its step): a rare last-bit
+    difference can flip a greedy token. Measured agreement here is 0.9 to 1.0; the bound is the
+    documented one. The CPU kernel (the default on CPU) is exact: the next test."""
     batched, one_at_a_time = run_both_ways(checkpoint, weight_dtype, "bfloat16")
     share, _ = quality.agreement(one_at_a_time, batched)
     print(f"\n{weight_dtype} weights, bf16 cache: batched vs one at a time, agreement {share:.3f}")
     assert share >= 0.75
+
+
+@pytest.mark.parametrize("weight_dtype", ["bfloat16", "int8", "float32"])
+def test_batching_with_a_bfloat16_cache_is_greedy_identical_on_the_cpu_kernel(checkpoint, weight_dtype):
+    """The CPU decode kernel reads each sequence's blocks in place and accumulates in float32 in the
+    same order whatever else the step holds, so a bf16 cache changes no token under batching."""
+    from kernels import paged_decode_cpu
+
+    if paged_decode_cpu.load() is None:
+        pytest.skip(f"the CPU decode kernel is not built here: {paged_decode_cpu.unavailable_reason()}")
+    batched, one_at_a_time = run_both_ways(checkpoint, weight_dtype, "bfloat16", backend="cpu")
+    for i, (got, expected) in enumerate(zip(batched, one_at_a_time)):
+        assert got == expected, f"request r{i}"
 
 
 def test_resident_weight_bytes_shrink_with_the_dtype(checkpoint):

@@ -20,31 +20,15 @@ import pytest
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from services.rollout import quality
+from services.rollout import quality, quality_texts
 from services.worker.engine_settings import weight_bytes
 from services.worker.models.gguf_import import find_demo_gguf, import_gguf
 
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village,",
-    "def fibonacci(n):",
-    "The three primary colors are",
-    "To make a cup of tea, first",
-    "In 1969, astronauts",
-]
-HELD_OUT = (
-    "The river rises in the hills to the north of the town and runs for about forty miles before it reaches "
-    "the sea. For most of its length it is slow and wide, and in summer children swim in the pools below the "
-    "old mill. In the spring, when the snow melts, the water comes down brown and fast, and the meadows along "
-    "the banks are often flooded for a week or more.\n"
-    "A bridge was built across the river in the eighteenth century, and the town grew up around it. The market "
-    "square is still on the east bank, with the church on one side and the town hall on the other. Every "
-    "Saturday the square fills with stalls selling bread, cheese, vegetables and flowers, and people come in "
-    "from the villages to buy and to talk."
-)
-# weight_dtype -> (min greedy agreement, max perplexity ratio)
-BOUNDS = {"bfloat16": (0.25, 1.02), "int8": (0.15, 1.05), "int4": (0.15, 1.02)}
-MAX_TOKENS = 16
+# The gate's own defaults: what `tensoryard models optimize` checks a version against.
+PROMPTS = quality_texts.PROMPTS
+HELD_OUT = quality_texts.HELD_OUT
+BOUNDS = {dtype: quality_texts.BOUNDS[dtype] for dtype in ("bfloat16", "int8", "int4")}
+MAX_TOKENS = quality_texts.MAX_TOKENS
 MAX_FRACTION_OF_FLOAT32 = {"int8": 0.30, "int4": 0.30}
 
 

@@ -53,3 +53,22 @@ def test_packed_linear_matches_f_linear(num_rows, with_bias):
 def test_pack_declines_what_onednn_does_not_take():
     assert linear_cpu.pack(torch.randn(4, 4, dtype=torch.float64)) is None
     assert linear_cpu.pack(torch.randn(4)) is None
+
+
+def test_rope_on_a_reused_positions_buffer_rotates_by_its_new_contents():
+    """A persistent positions buffer refilled for the next step (as CUDA graph replay does) gets
+    tables for its new contents, both when a step is begun and when the op is called directly."""
+    cache = build_cos_sin_cache(1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)), 64)
+    rope = RopeTorch()
+    q, k = torch.randn(4, 4, 16), torch.randn(4, 2, 16)
+    positions = torch.tensor([0, 1, 2, 3])
+    rope.begin_step(positions)
+    for _ in range(2):  # two layers of one step
+        torch.testing.assert_close(rope(q, k, positions, cache), rope_ref(q, k, positions, cache), atol=0, rtol=0)
+    positions.copy_(torch.tensor([9, 17, 30, 63]))  # the same tensor, the next step's contents
+    rope.begin_step(positions)
+    torch.testing.assert_close(rope(q, k, positions, cache), rope_ref(q, k, positions, cache), atol=0, rtol=0)
+    other = torch.tensor([5, 6, 7, 8])  # a tensor no step was begun for
+    torch.testing.assert_close(rope(q, k, other, cache), rope_ref(q, k, other, cache), atol=0, rtol=0)
+    other.copy_(torch.tensor([40, 41, 42, 43]))
+    torch.testing.assert_close(rope(q, k, other, cache), rope_ref(q, k, other, cache), atol=0, rtol=0)

@@ -59,8 +59,13 @@ class EngineConfig:
     # kernels (kernels/ops.py get_ops): "torch" (the reference), "cpu" (the compiled CPU decode
     # kernel), "triton", or "auto" (triton on CUDA, else cpu when the kernel is built, else torch)
     backend: str = "auto"
+    # Decode-only steps replayed from CUDA graphs (services/worker/engine/cuda_graphs.py) where they
+    # can be: a CUDA device and the triton backend. Elsewhere (CPU, the torch backend) always eager.
+    cuda_graphs: bool = True
     max_model_len: int | None = None  # prompt + output tokens; None: the model's limit, capped by the pool
     seed: int = 0  # for requests that sample without a seed of their own
+    # Ranks (devices) one replica's model is split over (engine/tp_runner.py); weights float only.
+    tensor_parallel_size: int = 1
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -75,3 +80,8 @@ class EngineConfig:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.weight_dtype in ("int8", "int4"):
+            raise ValueError(f"weight_dtype {self.weight_dtype!r} is not supported with tensor_parallel_size > 1 "
+                             "(float weights only)")

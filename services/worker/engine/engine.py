@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.ops import get_ops
+from kernels.ops import Ops, get_ops
 from services.common.errors import AlreadyExists, InvalidArgument, Overloaded
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.detokenizer import IncrementalDetokenizer, Tokenizer
@@ -19,9 +19,11 @@ from services.worker.engine.sampler import Sampler, SamplerOutput, SamplingParam
 from services.worker.engine.scheduler import Scheduler, SchedulerOutput
 from services.worker.engine.sequence import FinishReason, Sequence
 from services.worker.engine.step_cost import StepCost, StepCostModel
+from services.worker.engine.tp_runner import start_tensor_parallel
 from services.worker.models import weight_dtypes
 from services.worker.models.hf_config import ModelConfig
 from services.worker.models.llama import load_model
+from services.worker.models.tensor_parallel import kv_heads_per_rank
 
 
 @dataclass(slots=True)
@@ -144,20 +146,29 @@ class LLMEngine:
         cache = config.cache
         num_blocks = cache.num_blocks or num_blocks_for_budget(
             cache.kv_cache_memory_bytes, cache.block_size, model_config.num_layers,
-            model_config.num_kv_heads, model_config.head_dim, dtypes.kv_cache_dtype,
+            kv_heads_per_rank(model_config, config.tensor_parallel_size), model_config.head_dim,
+            dtypes.kv_cache_dtype,
         )
         self.max_model_len = _max_model_len(config, model_config, num_blocks * cache.block_size)
-        model = load_model(
-            config.model_dir, dtype=dtypes.compute_dtype, device=config.device, ops=get_ops(config.backend),
-            max_positions=self.max_model_len, weight_dtype=dtypes.weight_dtype,
-        )
-        kv_caches = allocate_kv_tensors(
-            model_config.num_layers, num_blocks, cache.block_size, model_config.num_kv_heads,
-            model_config.head_dim, dtypes.kv_cache_dtype, config.device,
-        )
+        if config.tensor_parallel_size > 1:  # rank 0's shard and cache here, the other ranks in their processes
+            model, kv_caches = start_tensor_parallel(config, model_config, dtypes, num_blocks, self.max_model_len)
+        else:
+            model = load_model(
+                config.model_dir, dtype=dtypes.compute_dtype, device=config.device, ops=get_ops(config.backend),
+                max_positions=self.max_model_len, weight_dtype=dtypes.weight_dtype,
+            )
+            kv_caches = allocate_kv_tensors(
+                model_config.num_layers, num_blocks, cache.block_size, model_config.num_kv_heads,
+                model_config.head_dim, dtypes.kv_cache_dtype, config.device,
+            )
         self.kv_cache = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.max_model_len, model_config.eos_token_ids)
-        self.runner = ModelRunner(model, kv_caches, cache.block_size, config.device)
+        self.runner = ModelRunner(
+            model, kv_caches, cache.block_size, config.device, max_num_seqs=config.scheduler.max_num_seqs,
+            max_model_len=self.max_model_len, max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+        )
+        if _captures_decode_graphs(config, model.ops):
+            self.runner.enable_decode_graphs()
         self.sampler = Sampler(config.seed, config.device)
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config.model_dir)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -216,8 +227,8 @@ class LLMEngine:
         for seq in scheduled.scheduled_seqs:
             if seq.first_scheduled_time_s is None:
                 seq.first_scheduled_time_s = started_s
-        logits = self.runner.run(scheduled)
-        sampled = self.sampler.sample(logits, scheduled.sampled_seqs)
+        logits = self.runner.run(scheduled.inputs)
+        sampled = self.sampler.sample(logits, scheduled.inputs.sampling)
         self.scheduler.update(scheduled, sampled.token_ids)
         inter_token_latencies_s = self._stamp_tokens(scheduled.sampled_seqs)
         outputs = self._outputs(scheduled, sampled)
@@ -352,6 +363,13 @@ class LLMEngine:
 
 
 _NATURAL_ENDS = (FinishReason.STOP, FinishReason.LENGTH)
+
+
+def _captures_decode_graphs(config: EngineConfig, ops: Ops) -> bool:
+    """CUDA graphs where a graph can hold the step: on CUDA, with the triton backend (the torch one
+    builds its plan's tensors per step), and one rank (a replay would not reach the other ranks)."""
+    return (config.cuda_graphs and torch.device(config.device).type == "cuda" and ops.name == "triton"
+            and config.tensor_parallel_size == 1)
 
 
 def _timings(seq: Sequence) -> RequestTimings:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from services.common.errors import InvalidArgument
-from services.worker.engine.sequence import Sequence
 
 MAX_LOGPROBS = 20
 # Bounds on stop conditions: each stop string is matched against the text of every step, so a
@@ -114,13 +114,27 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
+class SamplingRequest(Protocol):
+    """What sampling reads of one row: the engine passes `step_inputs.SamplingRow`s (a `Sequence`
+    has the same attributes). token_ids and output_token_ids are read only for the penalties."""
+
+    @property
+    def params(self) -> SamplingParams: ...
+    @property
+    def generator(self) -> torch.Generator | None: ...
+    @property
+    def token_ids(self) -> list[int]: ...
+    @property
+    def output_token_ids(self) -> list[int]: ...
+
+
 class Sampler:
     def __init__(self, seed: int = 0, device: str | torch.device = "cpu"):
         # Draws for requests without a seed of their own.
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor | None, seqs: list[Sequence]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor | None, seqs: list[SamplingRequest]) -> SamplerOutput:
         """logits [S, vocab_size] float32, one row per sequence in seqs."""
         if logits is None or not seqs:
             return SamplerOutput([], [])
@@ -133,7 +147,7 @@ class Sampler:
             token_ids = torch.where(greedy, token_ids, self._draw(probs, seqs))
         return SamplerOutput(token_ids.tolist(), token_logprobs(logits, token_ids, params))
 
-    def _draw(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _draw(self, probs: torch.Tensor, seqs: list[SamplingRequest]) -> torch.Tensor:
         noise = torch.empty_like(probs).exponential_(generator=self.generator)  # [S, V]
         for i, seq in enumerate(seqs):
             if seq.generator is not None and not seq.params.greedy:
@@ -216,7 +230,7 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, seqs: list[SamplingRequest]) -> torch.Tensor:
     """In place on logits [S, V]; rows without penalties are left alone."""
     vocab_size = logits.shape[-1]
     for i, seq in enumerate(seqs):

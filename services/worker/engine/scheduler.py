@@ -53,6 +53,7 @@ from typing import Callable, Iterator, Mapping
 from services.worker.engine.config import SchedulerConfig
 from services.worker.engine.kv_cache import KVCacheManager
 from services.worker.engine.sequence import FinishReason, Sequence, SequenceStatus
+from services.worker.engine.step_inputs import StepDescriber, StepInputs
 
 
 def _sort_key(seq: Sequence) -> tuple[int, int]:
@@ -61,7 +62,8 @@ def _sort_key(seq: Sequence) -> tuple[int, int]:
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    """What one step computes: all the runner reads, and what the engine reports besides."""
+    """What one step computes. `inputs` is all the runner and sampler read (plain data); the lists of
+    sequences are the scheduler's own record, for update() and for the engine's outputs."""
 
     # Sequences computing tokens this step, in batch order; the runner lays their tokens out so.
     scheduled_seqs: list[Sequence] = field(default_factory=list)
@@ -73,6 +75,8 @@ class SchedulerOutput:
     preempted_seqs: list[Sequence] = field(default_factory=list)
     # Finished before running (abort, deadline); the engine reports them.
     finished_seqs: list[Sequence] = field(default_factory=list)
+    # The step as the runner and sampler see it, made once scheduling is done.
+    inputs: StepInputs = field(default_factory=StepInputs)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -171,6 +175,7 @@ class Scheduler:
         self.waiting = WaitingQueue()
         self.running: list[Sequence] = []  # sorted by sort_key
         self.requests: dict[str, Sequence] = {}  # every unfinished sequence
+        self.describer = StepDescriber()  # what the runner has been told
         self._next_arrival = 0
         self._counters: dict[str, float] = {}  # tenant -> service so far: every active tenant, idle ones in debt
         self._num_active_seqs: dict[str, int] = {}  # active tenant -> its unfinished sequences
@@ -220,6 +225,7 @@ class Scheduler:
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted_seqs:
             self._schedule_waiting(out, budget)
+        out.inputs = self.describer.describe(out.scheduled_seqs, out.num_scheduled_tokens, out.sample_flags)
         return out
 
     def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
@@ -244,6 +250,7 @@ class Scheduler:
             return
         (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
         self.kv_cache.free(seq)
+        self.describer.release(seq.request_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         del self.requests[seq.request_id]
@@ -379,6 +386,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.kv_cache.free(seq)
+        self.describer.release(seq.request_id)
         seq.num_computed_tokens = 0  # recompute: prompt and output so far become the prompt
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING

@@ -26,6 +26,7 @@ from kernels.rope import build_cos_sin_cache
 from services.common.errors import InvalidArgument
 from services.worker.models.hf_config import ModelConfig
 from services.worker.models import weight_dtypes
+from services.worker.models.tensor_parallel import TensorParallelShard
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
 
@@ -181,12 +182,18 @@ def load_model(
     ops: Ops | None = None,
     max_positions: int | None = None,
     weight_dtype: str | None = None,
+    shard: TensorParallelShard | None = None,
 ) -> LlamaForCausalLM:
     """Builds the model config.json names and fills it from the directory's safetensors files.
     weight_dtype "int8" / "int4" quantizes the loaded weights (models/weight_dtypes.py), activations
-    staying in `dtype`; None or a float name keeps every weight in `dtype`."""
+    staying in `dtype`; None or a float name keeps every weight in `dtype`. With `shard`, builds one
+    rank's part of a tensor-parallel model, reading only that rank's slices (models/tensor_parallel.py)."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
+    if shard is not None:
+        if weight_dtype in weight_dtypes.QUANTIZED:
+            raise ValueError(f"weight_dtype {weight_dtype!r} is not supported with tensor parallelism")
+        config = shard.local_config(config)
     dtype = dtype or config.dtype
     with torch.device(device):
         model = LlamaForCausalLM(config, ops or get_ops("auto"), dtype, max_positions or config.max_position_embeddings)
@@ -195,12 +202,15 @@ def load_model(
     for path in _safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for name in f.keys():
-                loaded = _load_weight(model, params, name, f.get_tensor(name))
+                tensor = f.get_tensor(name) if shard is None else shard.read(name, f.get_slice(name))
+                loaded = _load_weight(model, params, name, tensor)
                 if loaded is not None:
                     rows_loaded[loaded[0]] += loaded[1]
     missing = [name for name, param in params.items() if rows_loaded[name] != param.shape[0]]
     if missing:
         raise InvalidArgument(f"checkpoint in {model_dir} lacks (part of) {missing[:5]}")
+    if shard is not None:
+        shard.parallelize(model)  # before packing: the packed layers then sit inside its wrappers
     if weight_dtype in weight_dtypes.QUANTIZED:
         weight_dtypes.quantize_model(model, weight_dtype, dtype)
     elif torch.device(device).type == "cpu":
