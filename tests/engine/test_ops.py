@@ -17,11 +17,14 @@ def test_auto_without_cuda_takes_the_cpu_kernel_where_it_loads_else_torch():
     assert get_ops("auto").name == ("cpu" if paged_decode_cpu.load() is not None else "torch")
 
 
-def test_triton_without_cuda_is_refused():
+def test_triton_without_cuda_is_refused(monkeypatch):
+    """Without CUDA the triton backend runs only under the interpreter, asked for explicitly."""
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="triton"):
         get_ops("triton")
+    assert get_ops("auto").name != "triton"
 
 
 def test_unknown_backend_is_refused():
