@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
@@ -83,9 +84,7 @@ def run_optimize(args: argparse.Namespace, ctx: Context) -> int:
     files = [LocalFile(f.path, (fetched.folder / f.path).resolve(), f.sha256, f.size_bytes)
              for f in source_version.files]
     result = _push(ctx, args, new_name, "generation", fetched.folder, source, config=config, files=files,
-                   extra_labels=report.labels(), metadata=type(metadata)(
-                       architecture=metadata.architecture, dtype=args.weight_dtype,
-                       parameter_count=metadata.parameter_count, tokenizer=metadata.tokenizer))
+                   extra_labels=report.labels(), metadata=dataclasses.replace(metadata, dtype=args.weight_dtype))
     return _report(ctx, new_name, result)
 
 
@@ -96,7 +95,7 @@ def _check_quality(ctx: Context, args, folder: Path, source_ref: str):
     from services.rollout import quality, quality_texts
 
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    held_out_text = args.held_out.read_text() if args.held_out else quality_texts.HELD_OUT
+    held_out = tokenizer.encode(args.held_out.read_text() if args.held_out else quality_texts.HELD_OUT).ids
     prompt_lines = args.prompts.read_text().splitlines() if args.prompts else quality_texts.PROMPTS
     prompts = [tokenizer.encode(line).ids for line in prompt_lines if line.strip()]
     max_tokens = args.max_tokens or quality_texts.MAX_TOKENS
@@ -105,10 +104,9 @@ def _check_quality(ctx: Context, args, folder: Path, source_ref: str):
         default_agreement if args.min_greedy_agreement is None else args.min_greedy_agreement,
         default_ratio if args.max_ppl_ratio is None else args.max_ppl_ratio)
     # One engine at a time: the float32 reference's figures are taken and it is dropped first.
-    figures = quality.reference_figures(quality.make_engine(folder, "float32"), prompts,
-                                        tokenizer.encode(held_out_text).ids, max_tokens)
+    figures = quality.reference_figures(quality.make_engine(folder, "float32"), prompts, held_out, max_tokens)
     report = quality.evaluate(figures, quality.make_engine(folder, args.weight_dtype, args.kv_cache_dtype),
-                              prompts, tokenizer.encode(held_out_text).ids, max_tokens)
+                              prompts, held_out, max_tokens)
     ctx.err.write(f"{source_ref} in {report.weight_dtype} (cache {report.kv_cache_dtype}) vs float32: greedy "
                   f"agreement {report.greedy_agreement:.4f} ({report.num_prompts_identical}/{report.num_prompts} "
                   f"whole), perplexity {report.ppl_candidate:.4f} vs {report.ppl_reference:.4f} (ratio "
