@@ -67,6 +67,10 @@ class Ops:
     # (metadata, StepHost, positions [N], k_cache of any layer) -> None: once per step, before the
     # forward pass; fills metadata.backend_plan and renews what the ops keep per step (RoPE tables).
     plan_step: Callable[[AttentionMetadata, StepHost, torch.Tensor, torch.Tensor], None] = _no_plan
+    # (logits [S, V] float32, temperature, top_k, top_p, min_p, seeds, offsets [S] each,
+    # use_top_k_top_p=) -> tokens [S] int64, drawn on the device (kernels/sampling.py's `sample`).
+    # None: the engine samples with its host sampler (services/worker/engine/sampler.py).
+    sample: Callable[..., torch.Tensor] | None = None
 
 
 def torch_ops() -> Ops:

@@ -7,7 +7,8 @@ on this backend, at tiny sizes (the interpreter runs each program instance in Py
 
 The kernels read the step's metadata tensors and the host maxima directly, so the backend needs
 no per-step plan (`plan_step` is the default no-op): nothing is read back from the device inside
-a step, which CUDA-graph capture requires.
+a step, which CUDA-graph capture requires. Sampling is on the device too (`sample`): the engine's
+`DeviceSampler` reads back one token per row, once a step.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kernels.kv_write import write_kv_triton
 from kernels.ops import Ops
 from kernels.rmsnorm import rmsnorm_triton
 from kernels.rope import rope_triton
+from kernels.sampling import sample
 
 
 def make_ops() -> Ops:
@@ -28,4 +30,5 @@ def make_ops() -> Ops:
         silu_and_mul=silu_and_mul_triton,
         write_kv=write_kv_triton,
         paged_attention=paged_attention_triton,
+        sample=sample,
     )

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kernels import pooling
 from services.worker.models.bert import BertConfig, load_bert
 from services.worker.models.sentence_encoder import SentenceEncoder, length_buckets
 
@@ -83,6 +84,19 @@ def test_embeddings_match_sentence_transformers_at_batch_size(encoder, reference
 def test_embed_texts_matches_sentence_transformers_in_input_order(encoder, reference):
     expected = reference.encode(TEXTS, batch_size=32, convert_to_numpy=True)
     ours = encoder.embed_texts(TEXTS)
+    assert _cosines(ours, expected).min() >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_pooling_kernel_gives_the_embeddings_of_sentence_transformers(model_folder, reference):
+    """The encoder's mean pooling on the Triton kernel (CUDA's default; here under triton's
+    interpreter, so a few short texts) agrees with sentence-transformers as the torch path does."""
+    texts = BASE_TEXTS[:8]
+    expected = reference.encode(texts, batch_size=8, convert_to_numpy=True)
+    encoder = SentenceEncoder.from_folder(model_folder, device="cpu")
+    assert encoder.mean_pool is pooling.mean_pool_ref  # the default off CUDA
+    encoder.mean_pool = pooling.mean_pool
+    ours = encoder.embed_token_ids(*encoder.pad_batch(encoder.tokenize(texts)))
     assert _cosines(ours, expected).min() >= 0.9999
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 

@@ -133,6 +133,19 @@ class Sampler:
         # Draws for requests without a seed of their own.
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    def seed_request(self, params: SamplingParams, num_sampled: int,
+                     vocab_size: int) -> tuple[torch.Generator | None, int]:
+        """(generator, draw seed) for a new request: a seeded one gets its own generator, moved past
+        the draws of the num_sampled tokens it has already sampled elsewhere, so a resumed generation
+        draws what the uninterrupted one would have. The draw seed is the device sampler's."""
+        if params.seed is None:
+            return None, 0
+        generator = torch.Generator(device=self.generator.device).manual_seed(params.seed)
+        if not params.greedy:  # one draw per token already sampled
+            for _ in range(num_sampled):
+                _seeded_noise(generator, vocab_size, generator.device)
+        return generator, 0
+
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor | None, seqs: list[SamplingRequest]) -> SamplerOutput:
         """logits [S, vocab_size] float32, one row per sequence in seqs."""
@@ -158,13 +171,6 @@ class Sampler:
 def _seeded_noise(generator: torch.Generator, vocab_size: int, device) -> torch.Tensor:
     """One token's draw for a seeded request: Exp(1) noise over the vocabulary, [V] float32."""
     return torch.empty(vocab_size, dtype=torch.float32, device=device).exponential_(generator=generator)
-
-
-def advance_generator(generator: torch.Generator, vocab_size: int, num_tokens: int, device) -> None:
-    """Moves a seeded request's generator past the draws of num_tokens tokens sampled elsewhere, so a
-    resumed generation draws what the uninterrupted one would have."""
-    for _ in range(num_tokens):
-        _seeded_noise(generator, vocab_size, device)
 
 
 

@@ -43,21 +43,19 @@ Where this departs from the design it was built from, and why:
 from __future__ import annotations
 
 import bisect
-import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 from services.worker.engine.config import SchedulerConfig
 from services.worker.engine.kv_cache import KVCacheManager
 from services.worker.engine.sequence import FinishReason, Sequence, SequenceStatus
 from services.worker.engine.step_inputs import StepDescriber, StepInputs
+from services.worker.engine.tenants import TenantCounters, TenantStats, WaitingQueue
 
-
-def _sort_key(seq: Sequence) -> tuple[int, int]:
-    return seq.sort_key
+__all__ = ["Scheduler", "SchedulerOutput", "TenantStats"]
 
 
 @dataclass(slots=True)
@@ -99,65 +97,6 @@ class SchedulerOutput:
         return self.num_scheduled_tokens.pop(i)
 
 
-@dataclass(slots=True)
-class TenantStats:
-    """One active tenant's load, for admission control and metrics."""
-
-    num_waiting: int = 0  # sequences waiting: new, or preempted
-    num_queued_tokens: int = 0  # tokens those still have to compute (after a preemption, prompt and output)
-    num_running: int = 0
-    service: float = 0.0  # its virtual token counter: weighted tokens computed for it
-
-
-class WaitingQueue:
-    """Every waiting sequence, one list per tenant in (priority, arrival) order.
-
-    Supports len(), `in` and iteration (tenant by tenant: cheap, for sums over the queue), and
-    compares equal to a list of the same sequences in (priority, arrival) order."""
-
-    def __init__(self) -> None:
-        self._by_tenant: dict[str, list[Sequence]] = {}
-        self._num_seqs = 0
-
-    def __len__(self) -> int:
-        return self._num_seqs
-
-    def __iter__(self) -> Iterator[Sequence]:
-        return itertools.chain.from_iterable(self._by_tenant.values())
-
-    def __contains__(self, seq: object) -> bool:
-        return any(s is seq for s in self._by_tenant.get(getattr(seq, "tenant", None), ()))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, WaitingQueue):
-            other = sorted(other, key=_sort_key)
-        if isinstance(other, (list, tuple)):
-            return sorted(self, key=_sort_key) == list(other)
-        return NotImplemented
-
-    __hash__ = None  # mutable
-
-    def add(self, seq: Sequence) -> None:
-        bisect.insort(self._by_tenant.setdefault(seq.tenant, []), seq, key=_sort_key)
-        self._num_seqs += 1
-
-    def remove(self, seq: Sequence) -> None:
-        queue = self._by_tenant[seq.tenant]
-        queue.remove(seq)
-        if not queue:
-            del self._by_tenant[seq.tenant]
-        self._num_seqs -= 1
-
-    def by_tenant(self) -> Mapping[str, list[Sequence]]:
-        """tenant -> its waiting sequences, in (priority, arrival) order; only tenants with some."""
-        return MappingProxyType(self._by_tenant)
-
-    def first(self, counters: Mapping[str, float]) -> Sequence | None:
-        """The next to admit: best priority, then the tenant with the smallest counter, then arrival."""
-        heads = (queue[0] for queue in self._by_tenant.values())
-        return min(heads, key=lambda s: (s.priority, counters[s.tenant], s.arrival), default=None)
-
-
 class Scheduler:
     def __init__(
         self,
@@ -177,10 +116,8 @@ class Scheduler:
         self.requests: dict[str, Sequence] = {}  # every unfinished sequence
         self.describer = StepDescriber()  # what the runner has been told
         self._next_arrival = 0
-        self._counters: dict[str, float] = {}  # tenant -> service so far: every active tenant, idle ones in debt
-        self._num_active_seqs: dict[str, int] = {}  # active tenant -> its unfinished sequences
-        self._idle_since: dict[str, float] = {}  # idle tenant with a counter kept -> when it left; oldest first
-        self._last_floor = 0.0  # the counter of the last tenant to go idle: the floor while none is active
+        self.tenants = TenantCounters(config.fair_idle_counter_ttl_s, clock)
+        self._counters = self.tenants.counters  # tenant -> service so far (the live dict, charged here)
         self.num_preemptions = 0  # every preemption, of which:
         self.num_fair_preemptions = 0  # to seat a tenant under its share
         self.num_priority_preemptions = 0  # to admit a better priority
@@ -193,7 +130,7 @@ class Scheduler:
 
     def tenant_stats(self) -> dict[str, TenantStats]:
         """Per active tenant (one with a sequence waiting or running): its queue, seats and service."""
-        stats = {tenant: TenantStats(service=self._counters[tenant]) for tenant in self._num_active_seqs}
+        stats = {tenant: TenantStats(service=self._counters[tenant]) for tenant in self.tenants.active}
         for tenant, queue in self.waiting.by_tenant().items():
             stats[tenant].num_waiting = len(queue)
             stats[tenant].num_queued_tokens = sum(seq.num_uncomputed_tokens for seq in queue)
@@ -205,7 +142,7 @@ class Scheduler:
         seq.arrival = self._next_arrival
         self._next_arrival += 1
         self.requests[seq.request_id] = seq
-        self._activate(seq.tenant)
+        self.tenants.activate(seq.tenant)
         self.waiting.add(seq)
 
     def abort(self, request_id: str) -> None:
@@ -221,7 +158,7 @@ class Scheduler:
         out = SchedulerOutput()
         now = self.clock()
         self._reap(out, now)
-        self._forget_idle_tenants(now)
+        self.tenants.forget_idle(now)
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted_seqs:
             self._schedule_waiting(out, budget)
@@ -254,7 +191,7 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         del self.requests[seq.request_id]
-        self._deactivate(seq.tenant)
+        self.tenants.deactivate(seq.tenant)
 
     def _reap(self, out: SchedulerOutput, now: float) -> None:
         for seq in list(self.requests.values()):
@@ -320,7 +257,7 @@ class Scheduler:
         seq.num_computed_tokens = num_cached_tokens
         self.waiting.remove(seq)
         seq.status = SequenceStatus.RUNNING
-        bisect.insort(self.running, seq, key=_sort_key)
+        bisect.insort(self.running, seq, key=lambda s: s.sort_key)
 
     def _schedule_seq(self, out: SchedulerOutput, seq: Sequence, num_tokens: int) -> None:
         if num_tokens < seq.num_uncomputed_tokens:
@@ -362,7 +299,7 @@ class Scheduler:
     def _fair_victim(self, seq: Sequence, out: SchedulerOutput, candidates: list[Sequence]) -> Sequence | None:
         """The newest candidate of the tenant most over its share of the seats in use and ahead of seq's
         in service; only while seq's tenant asks (seats held and waiting) for no more than its share."""
-        num_tenants = len(self._num_active_seqs)
+        num_tenants = len(self.tenants.active)
         seats = Counter(v.tenant for v in self.running)
         if seats[seq.tenant] + len(self.waiting.by_tenant()[seq.tenant]) > self.config.max_num_seqs / num_tenants:
             return None  # backlogged: the counter order gives it the seats that free up
@@ -393,40 +330,6 @@ class Scheduler:
         self.waiting.add(seq)
         out.preempted_seqs.append(seq)
         self.num_preemptions += 1
-
-    def _activate(self, tenant: str) -> None:
-        """Counts a new sequence of tenant; a tenant becoming active is lifted to the floor."""
-        num_seqs = self._num_active_seqs.get(tenant, 0)
-        if num_seqs == 0:
-            self._counters[tenant] = max(self._counters.get(tenant, 0.0), self._floor())
-            self._idle_since.pop(tenant, None)
-        self._num_active_seqs[tenant] = num_seqs + 1
-
-    def _deactivate(self, tenant: str) -> None:
-        """Counts a finished sequence of tenant; an idle tenant keeps its counter only while in debt."""
-        self._num_active_seqs[tenant] -= 1
-        if self._num_active_seqs[tenant] > 0:
-            return
-        del self._num_active_seqs[tenant]
-        counter = self._counters[tenant]
-        if not self._num_active_seqs:
-            self._last_floor = max(self._last_floor, counter)
-        if counter <= self._floor():  # on return it is lifted to at least the floor anyway
-            del self._counters[tenant]
-        else:
-            self._idle_since[tenant] = self.clock()
-
-    def _floor(self) -> float:
-        """What a tenant becoming active is lifted to: the smallest active counter, else the last one's."""
-        return min((self._counters[t] for t in self._num_active_seqs), default=self._last_floor)
-
-    def _forget_idle_tenants(self, now: float) -> None:
-        """Drops the counters (the debts) of tenants idle for longer than fair_idle_counter_ttl_s."""
-        while self._idle_since:
-            tenant, since = next(iter(self._idle_since.items()))
-            if now - since < self.config.fair_idle_counter_ttl_s:
-                return
-            del self._idle_since[tenant], self._counters[tenant]
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         params = seq.params

@@ -36,6 +36,7 @@ class Sequence:
     arrival: int = 0  # admission order: the tie-break within a priority, and "newest" for preemption
     deadline_s: float | None = None  # absolute, on the scheduler's clock (time.monotonic by default)
     generator: torch.Generator | None = None  # per-request seed: draws do not depend on the batch
+    draw_seed: int = 0  # the device sampler's key: the request's seed, or one drawn by the engine
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     abort_requested: bool = False  # set by abort(); the scheduler finishes the sequence next step

@@ -52,6 +52,10 @@ class SamplingRow:
     generator: torch.Generator | None  # the request's own (seeded) draws; None: the engine's
     token_ids: list[int] = field(default_factory=list)  # prompt and output: repetition penalty only
     output_token_ids: list[int] = field(default_factory=list)  # frequency and presence penalties only
+    # The device sampler's draw: the request's seed (its own, or one the engine gave it) and how
+    # many tokens it has sampled, wherever they were sampled (the draw's counter).
+    seed: int = 0
+    num_drawn: int = 0
 
 
 @dataclass(slots=True)
@@ -111,4 +115,4 @@ def _sampling_row(seq: Sequence) -> SamplingRow:
     p = seq.params
     token_ids = list(seq.token_ids) if p.repetition_penalty != 1.0 else []
     output_token_ids = seq.output_token_ids if p.frequency_penalty or p.presence_penalty else []
-    return SamplingRow(p, seq.generator, token_ids, output_token_ids)
+    return SamplingRow(p, seq.generator, token_ids, output_token_ids, seq.draw_seed, seq.num_output_tokens)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, normalizers
 
+from kernels import pooling
 from services.worker.models.bert import BertModel, load_bert
 
 _MIN_BUCKET_NUM_TOKENS = 16
@@ -139,6 +140,9 @@ class SentenceEncoder:
         self.pipeline = pipeline
         self.pad_id = pad_id
         self._max_seq_length = max_seq_length
+        # Mean pooling (+ L2 normalisation): the Triton kernel on CUDA, one launch for the batch;
+        # its torch reference elsewhere (the same arithmetic this encoder has always done).
+        self.mean_pool = mean_pool_for(self.device)
 
     @classmethod
     def from_folder(
@@ -197,14 +201,13 @@ class SentenceEncoder:
                 f"input_ids has {input_ids.shape[1]} tokens, more than "
                 f"max_position_embeddings {self.model.config.max_position_embeddings}"
             )
-        hidden = self.model(input_ids, attention_mask).float()  # [B, T, H]
+        hidden = self.model(input_ids, attention_mask)  # [B, T, H] in the compute dtype
         if self.pipeline.pooling_mode == "cls":
-            pooled = hidden[:, 0]  # right padding: the first token is [CLS]
-        else:
-            mask = attention_mask.unsqueeze(-1).float()  # [B, T, 1]
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        if self.pipeline.normalize:
-            pooled = F.normalize(pooled, p=2, dim=-1)
+            pooled = hidden[:, 0].float()  # right padding: the first token is [CLS]
+            if self.pipeline.normalize:
+                pooled = F.normalize(pooled, p=2, dim=-1)
+        else:  # in float32 either way; the kernel reads the compute dtype and normalises in place
+            pooled = self.mean_pool(hidden, attention_mask, normalize=self.pipeline.normalize)
         return pooled.cpu().numpy()
 
     def embed_texts(self, texts: list[str], max_num_batched_tokens: int = 2048) -> np.ndarray:
@@ -225,3 +228,9 @@ class SentenceEncoder:
             input_ids, attention_mask = self.pad_batch([token_id_lists[i] for i in indices])
             embeddings[indices] = self.embed_token_ids(input_ids, attention_mask)
         return embeddings
+
+
+
+def mean_pool_for(device: torch.device):
+    """kernels/pooling.py's kernel on CUDA, its torch reference elsewhere."""
+    return pooling.mean_pool if device.type == "cuda" else pooling.mean_pool_ref
