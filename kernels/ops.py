@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -45,6 +45,9 @@ class StepHost:
 
     cu_seqlens_q: list[int]  # [B + 1]: the host twin of AttentionMetadata.cu_seqlens_q
     context_lens: list[int]  # [B]
+    # [B]: how many of sequence b's rows are prompt tokens (they come first: positions are in order);
+    # empty where nobody said (every row is then taken for a generated token).
+    num_prompt_rows: list[int] = field(default_factory=list)
 
 
 def _no_plan(metadata: AttentionMetadata, host: StepHost, positions: torch.Tensor, k_cache: torch.Tensor) -> None:

@@ -15,6 +15,8 @@ int4: asymmetric, one (scale, min) pair per group of `group_size` inputs of a ro
     i.e. zero = min + 8 * scale. Where a build lacks those ops the layer keeps the codes two to a
     byte in its own layout and dequantizes them on every call: slower, same resident bytes.
 
+Prompt rows of a step take another way through an int8 layer, chosen per row (`PromptRows`).
+
 `*_ref` functions are the specification the tests compare the layers against. Activations stay in
 the dtype the layer is built for (float32 or bfloat16): the scales are stored in it because the
 packed kernels take them in the activation dtype.
@@ -54,30 +56,91 @@ def dequantize_int8_ref(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
 
 
-class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T + bias, reading one byte per weight."""
+class PromptRows:
+    """Which rows of a step are prompt tokens, for the int8 layers of one model (set per step by the
+    runner through `plan`, used by the next forward pass only).
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    int8 weight-only has two ways through a layer on this CPU with opposite strengths. The packed
+    kernel (`_weight_int8pack_mm`) reads one byte a weight, the fast path for the few rows of a decode
+    step, but works row by row: SmolLM2's decoder layers take 467 ms on a 167-token prompt. Converting
+    the int8 weight to bfloat16 and running oneDNN's bf16 GEMM (scale on the output) takes 140 ms for
+    it, against 127 ms with bf16 weights: the conversion is paid once per call, whatever the rows.
+    The two round differently, so which one computes a row must be a property of the row, not of the
+    batch, or batching would change tokens: a prompt token takes the GEMM, a generated token (decoded,
+    or recomputed after a preemption or a resume) the packed kernel, alone, batched, chunked or not.
+    """
+
+    def __init__(self) -> None:
+        self.num_rows = -1  # of the planned step; -1: no plan (every row takes the packed kernel)
+        self.num_prompt = 0
+        self.prompt_index: torch.Tensor | None = None  # [P] int64, where prompt and generated rows mix
+        self.generated_index: torch.Tensor | None = None
+
+    def plan(self, cu_seqlens: list[int], num_prompt_rows: list[int], device: torch.device) -> None:
+        """Sequence b owns rows cu_seqlens[b]:cu_seqlens[b + 1], its first num_prompt_rows[b] prompt tokens."""
+        self.num_rows, self.num_prompt = cu_seqlens[-1], sum(num_prompt_rows)
+        self.prompt_index = self.generated_index = None
+        if 0 < self.num_prompt < self.num_rows:
+            prompt = [r for b, p in enumerate(num_prompt_rows) for r in range(cu_seqlens[b], cu_seqlens[b] + p)]
+            generated = [r for b, p in enumerate(num_prompt_rows) for r in range(cu_seqlens[b] + p, cu_seqlens[b + 1])]
+            self.prompt_index = torch.tensor(prompt, dtype=torch.int64, device=device)
+            self.generated_index = torch.tensor(generated, dtype=torch.int64, device=device)
+
+    def clear(self) -> None:
+        self.num_rows = -1
+
+    def of(self, num_rows: int) -> str:
+        """"prompt", "generated" or "mixed" for a call on num_rows rows (unplanned: "generated")."""
+        if num_rows != self.num_rows or self.num_prompt == 0:
+            return "generated"
+        return "prompt" if self.num_prompt == num_rows else "mixed"
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T + bias, reading one byte per weight (rows of prompt tokens: see PromptRows)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 prompt_rows: PromptRows | None = None):
         super().__init__()
         self.weight_int8 = q.contiguous()  # [N, K] int8
         self.scale = scale.to(dtype).contiguous()  # [N], in the activation dtype (the kernel's contract)
         self.bias = None if bias is None else bias.detach().to(dtype)
+        # The model's row split; None (the LM head, whose rows are the step's sampling rows, and any
+        # layer used on its own): every row takes the packed kernel.
+        self.prompt_rows = prompt_rows
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Int8Linear:
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                   prompt_rows: PromptRows | None = None) -> Int8Linear:
         q, scale = quantize_int8(weight)
-        return cls(q, scale, bias, dtype)
+        return cls(q, scale, bias, dtype, prompt_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.scale.dtype)
-        if has_int8_kernel() and x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
-        else:  # the reference: dequantize per call
+        if not (has_int8_kernel() and x2.device.type == "cpu"):  # the reference: dequantize per call
             y = F.linear(x2, (self.weight_int8.to(x2.dtype) * self.scale[:, None]))
+        else:
+            kind = "generated" if self.prompt_rows is None else self.prompt_rows.of(x2.shape[0])
+            if kind == "generated":
+                y = self._packed(x2)
+            elif kind == "prompt":
+                y = self._converted(x2)
+            else:
+                rows = self.prompt_rows
+                y = x2.new_empty(x2.shape[0], self.weight_int8.shape[0])
+                y[rows.prompt_index] = self._converted(x2[rows.prompt_index])
+                y[rows.generated_index] = self._packed(x2[rows.generated_index])
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], y.shape[-1])
+
+    def _packed(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
+
+    def _converted(self, x2: torch.Tensor) -> torch.Tensor:
+        """The bf16 GEMM on the weight converted for this call (int8 values are exact in bfloat16)."""
+        return F.linear(x2.contiguous(), self.weight_int8.to(x2.dtype)) * self.scale
 
 
 class Int8Embedding(nn.Module):

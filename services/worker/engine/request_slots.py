@@ -32,6 +32,7 @@ class RequestSlots:
         self._slot_of: dict[str, int] = {}  # request_id -> its row
         self._num_tokens = [0] * max_num_seqs  # per row: tokens and blocks it holds (host copies)
         self._num_blocks = [0] * max_num_seqs
+        self._num_prompt_tokens = [0] * max_num_seqs
         self._free = list(range(max_num_seqs - 1, -1, -1))  # pop() takes the lowest free row
         self._pin = self.device.type == "cuda"  # pinned host memory: copies to the device do not block
 
@@ -53,6 +54,7 @@ class RequestSlots:
                 raise ValueError(f"no free slot for {new.request_id!r}: all {len(self._num_tokens)} are held")
             slot = self._slot_of[new.request_id] = self._free.pop()
             self._num_tokens[slot] = self._num_blocks[slot] = 0
+            self._num_prompt_tokens[slot] = new.num_prompt_tokens
             self.block_tables[slot].zero_()  # what the row's last sequence left
             self._append(tokens, slot, self._num_tokens, new.token_ids, self.max_model_len, "tokens")
             self._append(blocks, slot, self._num_blocks, new.block_ids, self.max_blocks, "blocks")
@@ -68,8 +70,12 @@ class RequestSlots:
         slots = [self._slot_of[request_id] for request_id in step.request_ids]
         desc = StepDescription.from_lists(slots, step.num_computed_tokens, step.num_scheduled_tokens,
                                           step.sample_flags, pin_memory=self._pin)
-        host = StepHost(cu_seqlens_q=list(accumulate(step.num_scheduled_tokens, initial=0)),
-                        context_lens=[c + n for c, n in zip(step.num_computed_tokens, step.num_scheduled_tokens)])
+        host = StepHost(
+            cu_seqlens_q=list(accumulate(step.num_scheduled_tokens, initial=0)),
+            context_lens=[c + n for c, n in zip(step.num_computed_tokens, step.num_scheduled_tokens)],
+            num_prompt_rows=[max(0, min(n, self._num_prompt_tokens[slot] - c))
+                             for slot, c, n in zip(slots, step.num_computed_tokens, step.num_scheduled_tokens)],
+        )
         return desc, host
 
     @staticmethod

@@ -60,4 +60,6 @@ class ModelRunner:
         """The model on one flat batch, planned first from its host lists."""
         metadata = batch.attention_metadata()
         self.model.ops.plan_step(metadata, host, batch.positions, self.kv_caches[0][0])
+        if self.model.prompt_rows is not None and host.num_prompt_rows:
+            self.model.prompt_rows.plan(host.cu_seqlens_q, host.num_prompt_rows, self.device)
         return self.model(batch.input_ids, batch.positions, self.kv_caches, metadata, batch.logits_indices)

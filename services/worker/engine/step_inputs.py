@@ -32,6 +32,7 @@ class NewSequence:
     token_ids: list[int]  # every token it has: the prompt, and output so far when resumed or re-admitted
     block_ids: list[int]  # its whole block table
     num_computed_tokens: int  # tokens whose K/V are in the cache already (a prefix-cache hit)
+    num_prompt_tokens: int  # of token_ids, the prompt's; the rest were generated (here or elsewhere)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +102,7 @@ class StepDescriber:
             sent = self._num_sent.get(seq.request_id)
             if sent is None:
                 step.new_seqs.append(NewSequence(seq.request_id, list(seq.token_ids), list(seq.block_table),
-                                                 seq.num_computed_tokens))
+                                                 seq.num_computed_tokens, seq.num_prompt_tokens))
             else:
                 step.running_seqs.append(RunningSequence(seq.request_id, seq.token_ids[sent[0]:],
                                                          seq.block_table[sent[1]:], seq.num_computed_tokens))

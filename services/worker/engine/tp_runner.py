@@ -183,6 +183,7 @@ class TensorParallelModel(nn.Module):
         # from, which the other ranks need to plan the same step.
         self._plans = _PlanRecorder(shard.ops.plan_step)
         self.ops = dataclasses.replace(shard.ops, plan_step=self._plans.plan_step)
+        self.prompt_rows = None  # int8 layers' row split: quantized weights are refused under TP
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 metadata: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch import nn
 
 from kernels import linear_cpu
 from kernels.ops import AttentionMetadata, Ops, get_ops
+from kernels.quant_linear import PromptRows
 from kernels.rope import build_cos_sin_cache
 from services.common.errors import InvalidArgument
 from services.worker.models.hf_config import ModelConfig
@@ -138,6 +139,7 @@ class LlamaForCausalLM(nn.Module):
         self.ops = ops
         self.model = LlamaModel(config, ops, dtype)
         self.lm_head = None
+        self.prompt_rows: PromptRows | None = None  # int8 weights: which rows are prompt tokens, per step
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
         cache = build_cos_sin_cache(config.rope.inv_freq(config.head_dim), max_positions)  # [P, D] float32
@@ -153,10 +155,14 @@ class LlamaForCausalLM(nn.Module):
         logits_indices: torch.Tensor,  # [S] int64: rows of the flat batch to compute logits for
     ) -> torch.Tensor:
         """[S, vocab_size] logits in float32, one row per index in logits_indices."""
-        hidden = self.model.embed_tokens(input_ids)
-        residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            hidden, residual = layer(hidden, residual, positions, self.cos_sin_cache, kv_cache, metadata)
+        try:
+            hidden = self.model.embed_tokens(input_ids)
+            residual = None
+            for layer, kv_cache in zip(self.model.layers, kv_caches):
+                hidden, residual = layer(hidden, residual, positions, self.cos_sin_cache, kv_cache, metadata)
+        finally:
+            if self.prompt_rows is not None:  # a plan is for one forward pass
+                self.prompt_rows.clear()
         norm = self.model.norm
         hidden, _ = self.ops.rmsnorm(hidden, norm.weight, norm.eps, residual)
         if self.lm_head is not None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.quant_linear import INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear
+from kernels.quant_linear import INT4_GROUP_SIZE, Int4Linear, Int8Embedding, Int8Linear, PromptRows
 
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 QUANTIZED = ("int8", "int4")
@@ -77,11 +77,13 @@ def quantize_model(model: nn.Module, weight_dtype: str, compute_dtype: torch.dty
     if weight_dtype not in QUANTIZED:
         raise ValueError(f"weight_dtype must be one of {QUANTIZED}, got {weight_dtype!r}")
     swapped = 0
+    model.prompt_rows = PromptRows()  # planned by the runner each step (see PromptRows)
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, Linear):
-                    setattr(parent, name, _quantized(child, weight_dtype, compute_dtype, group_size))
+                    setattr(parent, name, _quantized(child, weight_dtype, compute_dtype, group_size,
+                                                     model.prompt_rows))
                     swapped += 1
     embedding = model.model.embed_tokens
     head_weight = embedding.weight if model.lm_head is None else model.lm_head.weight
@@ -94,11 +96,12 @@ def quantize_model(model: nn.Module, weight_dtype: str, compute_dtype: torch.dty
     return swapped + 1
 
 
-def _quantized(layer: nn.Module, weight_dtype: str, compute_dtype: torch.dtype, group_size: int) -> nn.Module:
+def _quantized(layer: nn.Module, weight_dtype: str, compute_dtype: torch.dtype, group_size: int,
+               prompt_rows: PromptRows) -> nn.Module:
     bias = None if layer.bias is None else layer.bias.detach()
     if weight_dtype == "int4" and layer.weight.shape[1] % group_size == 0:
         return Int4Linear.from_float(layer.weight, bias, compute_dtype, group_size)
-    return Int8Linear.from_float(layer.weight, bias, compute_dtype)  # int8, or int4 off the group grid
+    return Int8Linear.from_float(layer.weight, bias, compute_dtype, prompt_rows)  # int8, or int4 off the grid
 
 
 def resident_bytes_by_dtype(module: nn.Module) -> dict[str, int]:
