@@ -111,13 +111,17 @@ def run_both_ways(directory, weight_dtype: str, kv_cache_dtype: str, backend: st
     return [batched[f"r{i}"] for i in range(len(prompts))], one_at_a_time
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("weight_dtype", ["bfloat16", "int8", "int4"])
-def test_batching_with_preemption_is_greedy_identical_to_one_at_a_time(checkpoint, weight_dtype):
+def test_batching_with_preemption_is_greedy_identical_to_one_at_a_time(checkpoint, weight_dtype, backend):
     """The linear kernels (oneDNN bf16, int8 and int4 weight-only) give each row the same result
-    whatever the batch, so with a float32 cache the batch changes no token."""
-    batched, one_at_a_time = run_both_ways(checkpoint, weight_dtype, "float32")
-    for i, (got, expected) in enumerate(zip(batched, one_at_a_time)):
-        assert got == expected, f"request r{i}"
+    whatever the batch, and int8 layers choose their kernel by row (prompt or generated token), so
+    with a float32 cache the batch changes no token: three prompt sets, the reference attention and
+    the default one (the CPU decode kernel where built)."""
+    for seed in (11, 12, 13):
+        batched, one_at_a_time = run_both_ways(checkpoint, weight_dtype, "float32", backend=backend, seed=seed)
+        for i, (got, expected) in enumerate(zip(batched, one_at_a_time)):
+            assert got == expected, f"prompt set {seed}, request r{i}"
 
 
 @pytest.mark.parametrize("weight_dtype", ["bfloat16", "int8", "int4", "float32"])
@@ -133,20 +137,22 @@ def test_batching_with_a_bfloat16_cache_stays_close_to_one_at_a_time_on_the_refe
 
 
 @pytest.mark.parametrize("weight_dtype", ["bfloat16", "int8", "float32"])
-@pytest.mark.parametrize("seed", [11, 12, 13])
-def test_batching_with_a_bfloat16_cache_is_greedy_identical_on_the_cpu_kernel(checkpoint, weight_dtype, seed):
+def test_batching_with_a_bfloat16_cache_stays_close_to_one_at_a_time_on_the_cpu_kernel(checkpoint, weight_dtype):
     """The CPU decode kernel reads each sequence's blocks in place and accumulates in float32 in the
-    same order whatever else the step holds, and prompt attention runs in float32 too, so a bf16
-    cache changes no token under batching (with prompt attention in bf16, seeds 12 and 13 did).
-    int8 layers take prompt rows through the bf16 GEMM and generated ones through the packed kernel,
-    by row, so a token recomputed after a preemption is computed as it was decoded."""
+    same order whatever else the step holds; prompt attention runs in the cache's dtype through SDPA,
+    whose bf16 rounding depends on how a prompt is chunked and on whether a token is decoded or
+    recomputed after a preemption (docs/ENGINE.md). Measured agreement 0.92 to 1.0 over three prompt
+    sets; with a float32 cache the tokens are identical (the test above)."""
     from kernels import paged_decode_cpu
 
     if paged_decode_cpu.load() is None:
         pytest.skip(f"the CPU decode kernel is not built here: {paged_decode_cpu.unavailable_reason()}")
-    batched, one_at_a_time = run_both_ways(checkpoint, weight_dtype, "bfloat16", backend="cpu", seed=seed)
-    for i, (got, expected) in enumerate(zip(batched, one_at_a_time)):
-        assert got == expected, f"request r{i}"
+    shares = []
+    for seed in (11, 12, 13):
+        batched, one_at_a_time = run_both_ways(checkpoint, weight_dtype, "bfloat16", backend="cpu", seed=seed)
+        shares.append(quality.agreement(one_at_a_time, batched)[0])
+    print(f"\n{weight_dtype} weights, bf16 cache, CPU kernel: agreement " + " ".join(f"{x:.3f}" for x in shares))
+    assert min(shares) >= 0.85
 
 
 def test_resident_weight_bytes_shrink_with_the_dtype(checkpoint):
