@@ -33,7 +33,7 @@ from bench.result_files import write_json
 from services.worker.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from services.worker.engine.engine import LLMEngine
 from services.worker.engine.sampler import SamplingParams
-from services.worker.loading import weight_bytes
+from services.worker.engine_settings import weight_bytes
 from services.worker.models.gguf_import import find_demo_gguf, import_gguf
 
 DTYPES = (("float32", "auto"), ("bfloat16", "auto"), ("int8", "auto"), ("int4", "auto"))

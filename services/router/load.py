@@ -34,6 +34,7 @@ class ReplicaLoad:
     num_routed_since_report: int = 0
     num_ended_since_report: int = 0  # of this router's requests there (answered, refused or failed)
     num_blocks_routed_since_report: int = 0
+    refused_since_report: bool = False  # it answered RESOURCE_EXHAUSTED since: full, whatever ended
     block_size: int = 16  # the replica's KV block size, from its KV events
 
     def on_report(self, stats: worker_pb2.WorkerStats, now_s: float) -> None:
@@ -42,6 +43,7 @@ class ReplicaLoad:
         self.num_routed_since_report = 0
         self.num_ended_since_report = 0
         self.num_blocks_routed_since_report = 0
+        self.refused_since_report = False
 
     def on_routed(self, num_prompt_blocks: int = 0) -> None:
         self.num_routed_since_report += 1
@@ -49,6 +51,11 @@ class ReplicaLoad:
 
     def on_sent(self) -> None:
         self.num_outstanding += 1
+
+    def on_refused(self) -> None:
+        """The replica refused one of this router's requests as full: whatever seat ended since
+        the report is taken, so it stays saturated until it reports again."""
+        self.refused_since_report = True
 
     def on_ended(self) -> None:
         """One of this router's requests there is over, whatever its outcome: no longer on the
@@ -76,11 +83,14 @@ class ReplicaLoad:
     @property
     def saturated(self) -> bool:
         """The replica's own estimate of a new request's wait is past what it admits, and no seat
-        has freed there since it said so (more of this router's requests ended than it sent)."""
+        has freed there since it said so (more of this router's requests ended than it sent), or
+        one has and it refused a request since. Without that last clause, at ten times capacity a
+        single request ending sent every request to the replica until its next report, and the
+        workers refused 38% of them, each a call their engine thread shares the GIL with."""
         stats = self.stats
         return (stats is not None and stats.queue_wait_bound_s > 0
                 and stats.estimated_queue_wait_s > stats.queue_wait_bound_s
-                and self._net_routed_since_report >= 0)
+                and (self._net_routed_since_report >= 0 or self.refused_since_report))
 
     @property
     def retry_after_s(self) -> float:

@@ -105,6 +105,8 @@ class Relay:
                 backend.load.on_ended()
                 if forwarded is not None:
                     forwarded.answered(backend, time.perf_counter() - called_s)
+            if failure.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                backend.load.on_refused()
             backend = self._retry_target(route, failure, tried, prompt_token_ids)
             if backend is None:
                 raise failure
@@ -159,6 +161,8 @@ class Relay:
                 if not completed:  # the caller went away, or the replica did: stop the call
                     call.cancel()
             if not sent:
+                if failure.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    backend.load.on_refused()
                 backend = self._retry_target(route, failure, tried, prompt_token_ids)
             else:
                 backend = self._migration_target(route, failure, tried, num_migrations, len(sent), prompt_token_ids)

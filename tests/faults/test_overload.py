@@ -72,10 +72,13 @@ def test_ten_times_capacity_is_refused_fast_and_what_is_accepted_is_served_as_at
     assert len(accepted) >= 0.5 * capacity_rate * 8  # the fleet kept working near capacity
     assert percentile([o.ended_s for o in rejected], 99) < 0.05
     assert all(o.pushback_ms and o.pushback_ms > 0 for o in rejected), "refusals carry a retry pushback"
-    # "As fast as at capacity", in the middle and in the tail. The tail is p95, not p99: of the ~50-90
-    # requests accepted, p99 is the single slowest, set by one burst of the Poisson arrivals on a
-    # machine whose two cores the client, the router and both workers share.
-    assert percentile(accepted_first, 50) <= 1.5 * percentile(capacity_first, 50)
+    # "As fast as at capacity", in the middle and in the tail. In the middle: capacity's p50 plus at
+    # most the queue wait a worker admits (the bound it reports). The tail is p95, not p99: of the
+    # ~50-90 requests accepted, p99 is the single slowest, set by one burst of the Poisson arrivals
+    # on a machine whose two cores the client, the router and both workers share.
+    admitted_wait_s = max(w.stats().queue_wait_bound_s for w in workers)
+    assert 0 < admitted_wait_s < 1
+    assert percentile(accepted_first, 50) <= percentile(capacity_first, 50) + admitted_wait_s
     assert percentile(accepted_first, 95) <= 2 * capacity_p99
     for name in pids:
         assert memory_after[name] - memory_before[name] < 200, f"{name} grew under overload"

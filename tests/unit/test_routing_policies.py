@@ -166,6 +166,22 @@ def test_a_full_replica_where_a_request_just_ended_has_room_until_it_is_taken():
     assert load.saturated
 
 
+def test_a_refusal_since_the_report_says_the_freed_seat_is_taken():
+    load = ReplicaLoad()
+    full = worker_pb2.WorkerStats(state="SERVING", estimated_queue_wait_s=0.5, queue_wait_bound_s=0.2)
+    load.on_report(full, 0.0)
+    load.on_sent()
+    load.on_ended()  # a seat freed: room, as above ...
+    assert not load.saturated
+    load.on_routed()
+    load.on_sent()
+    load.on_ended()
+    load.on_refused()  # ... until the replica refuses one: someone else's request took it
+    assert load.saturated
+    load.on_report(worker_pb2.WorkerStats(state="SERVING", estimated_queue_wait_s=0.1, queue_wait_bound_s=0.2), 0.1)
+    assert not load.saturated  # a fresh report decides again
+
+
 def test_each_running_sequence_counts_its_whole_context_so_a_hot_prefix_spreads_out():
     index = KvIndex()
     index.apply_events("hot", HASHES, [], snapshot=True)  # a 10-block prefix, cached on one replica

@@ -9,6 +9,7 @@ return embeddings that look fine and are wrong.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,9 +141,6 @@ class SentenceEncoder:
         self.pipeline = pipeline
         self.pad_id = pad_id
         self._max_seq_length = max_seq_length
-        # Mean pooling (+ L2 normalisation): the Triton kernel on CUDA, one launch for the batch;
-        # its torch reference elsewhere (the same arithmetic this encoder has always done).
-        self.mean_pool = mean_pool_for(self.device)
 
     @classmethod
     def from_folder(
@@ -158,6 +156,12 @@ class SentenceEncoder:
         max_seq_length = min(int(max_seq_length), model.config.max_position_embeddings)
         tokenizer, pad_id = _load_tokenizer(pipeline.transformer_folder, max_seq_length, pipeline.do_lower_case)
         return cls(model, tokenizer, pipeline, max_seq_length, pad_id)
+
+    @functools.cached_property
+    def mean_pool(self):
+        """Mean pooling (+ L2 normalisation): the Triton kernel on CUDA, one launch for the batch; its
+        torch reference elsewhere (the arithmetic this encoder has always done)."""
+        return mean_pool_for(self.device)
 
     @property
     def dim(self) -> int:
