@@ -105,9 +105,7 @@ class Relay:
                 backend.load.on_ended()
                 if forwarded is not None:
                     forwarded.answered(backend, time.perf_counter() - called_s)
-            if failure.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                backend.load.on_refused()
-            backend = self._retry_target(route, failure, tried, prompt_token_ids)
+            backend = self._retry_target(route, failure, backend, tried, prompt_token_ids)
             if backend is None:
                 raise failure
 
@@ -161,20 +159,21 @@ class Relay:
                 if not completed:  # the caller went away, or the replica did: stop the call
                     call.cancel()
             if not sent:
-                if failure.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    backend.load.on_refused()
-                backend = self._retry_target(route, failure, tried, prompt_token_ids)
+                backend = self._retry_target(route, failure, backend, tried, prompt_token_ids)
             else:
                 backend = self._migration_target(route, failure, tried, num_migrations, len(sent), prompt_token_ids)
                 num_migrations += 1
             if backend is None:
                 raise failure
 
-    def _retry_target(self, route, failure: RelayError, tried: set[str], prompt_token_ids) -> Backend | None:
+    def _retry_target(self, route, failure: RelayError, failed: Backend, tried: set[str],
+                      prompt_token_ids) -> Backend | None:
+        full = failure.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        if full:  # whatever seat its last report left has been taken: full until it reports again
+            failed.load.on_refused()
         if failure.code not in _RETRYABLE:
             return None
         # A full replica's refusal is worth a retry only where its load report says there is room.
-        full = failure.code is grpc.StatusCode.RESOURCE_EXHAUSTED
         other = self.pool.pick(route, prompt_token_ids, exclude=tried, unsaturated=full)
         if other is None or not self.budget.try_spend():
             return None

@@ -234,7 +234,6 @@ class SentenceEncoder:
         return embeddings
 
 
-
 def mean_pool_for(device: torch.device):
     """kernels/pooling.py's kernel on CUDA, its torch reference elsewhere."""
     return pooling.mean_pool if device.type == "cuda" else pooling.mean_pool_ref
